@@ -1,0 +1,1 @@
+"""C++ (ATen + OpenMP) CPU kernels, shipped as sources and JIT-compiled by fastalign.ops._cpp."""

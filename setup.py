@@ -1,0 +1,12 @@
+"""Install fastalign. `kernels/` (Triton) is installed as `fastalign.kernels`, never as a
+top-level `kernels` package (transformers probes for Hugging Face's package of that name).
+The C++ CPU kernels in `csrc/` ship as sources and are JIT-compiled on first use (see
+fastalign/ops/_cpp.py), so installing needs no compiler and no torch at build time."""
+
+from setuptools import setup
+
+setup(
+    packages=["fastalign", "fastalign.ops", "fastalign.kernels", "fastalign.csrc"],
+    package_dir={"fastalign.kernels": "kernels", "fastalign.csrc": "csrc"},
+    package_data={"fastalign.csrc": ["*.cpp", "*.h"]},
+)
