@@ -54,19 +54,19 @@ def load() -> ModuleType:
     import torch
     from torch.utils import cpp_extension
 
-    src = _source_dir()
-    digest = hashlib.sha256()
-    for name in _SOURCES + _HEADERS:
-        digest.update((src / name).read_bytes())
-    digest.update(torch.__version__.encode())
-    digest.update(_cpu_model().encode())
-    name = f"fastalign_cpu_{digest.hexdigest()[:12]}"
-    build_dir = _cache_dir() / name
-    build_dir.mkdir(parents=True, exist_ok=True)
     flags = ["-O3", "-fopenmp", "-std=c++17"]
     if platform.machine() in ("x86_64", "AMD64"):
         flags.append("-march=native")  # safe: the cache key includes the CPU model
     try:
+        src = _source_dir()
+        digest = hashlib.sha256()
+        for name in _SOURCES + _HEADERS:
+            digest.update((src / name).read_bytes())
+        digest.update(torch.__version__.encode())
+        digest.update(_cpu_model().encode())
+        name = f"fastalign_cpu_{digest.hexdigest()[:12]}"
+        build_dir = _cache_dir() / name
+        build_dir.mkdir(parents=True, exist_ok=True)
         return cpp_extension.load(
             name=name,
             sources=[str(src / s) for s in _SOURCES],

@@ -128,7 +128,7 @@ def linear_logprobs_backward_torch(
     need_weight: bool,
     need_bias: bool,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    n, vocab = hidden.shape[0], weight.shape[0]
+    vocab = weight.shape[0]
     acc = out_dtype(hidden.dtype)
     valid = labels != ignore_index
     g = torch.where(valid, grad_logp.to(acc), 0.0).unsqueeze(1)  # (N, 1)
@@ -149,7 +149,9 @@ def linear_logprobs_backward_torch(
         if gh is not None:
             dz -= gh * p * (logp + h_plus)
         hit = valid & (labels >= v0) & (labels < v1)
-        dz.scatter_add_(1, torch.where(hit, labels - v0, 0).unsqueeze(1), torch.where(hit.unsqueeze(1), g, 0.0))
+        dz.scatter_add_(
+            1, torch.where(hit, labels - v0, 0).unsqueeze(1), torch.where(hit.unsqueeze(1), g, 0.0)
+        )
         dz.mul_(inv_temperature)  # d/d(raw logits)
         if d_hidden is not None:
             d_hidden.addmm_(dz, weight[v0:v1].to(acc))
@@ -178,7 +180,9 @@ def _kernels(backend: str) -> tuple[Callable, Callable]:
 
 class LinearLogprobsFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, ignore_index, inv_temperature, return_entropy, chunk_size, backend):
+    def forward(
+        ctx, hidden, weight, bias, labels, ignore_index, inv_temperature, return_entropy, chunk_size, backend
+    ):
         fwd, _ = _kernels(backend)
         logp, lse, entropy = fwd(
             hidden, weight, bias, labels, ignore_index, inv_temperature, return_entropy, chunk_size
@@ -255,7 +259,9 @@ def linear_logprobs(
             "must share dtype and device"
         )
     vocab = weight.shape[0]
-    if bias is not None and (bias.shape != (vocab,) or bias.dtype != weight.dtype or bias.device != weight.device):
+    if bias is not None and (
+        bias.shape != (vocab,) or bias.dtype != weight.dtype or bias.device != weight.device
+    ):
         raise ValueError(f"{_OP}: bias must be ({vocab},) with the weight's dtype and device")
     if labels.shape != hidden.shape[:-1]:
         raise ValueError(

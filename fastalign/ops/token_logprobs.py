@@ -209,7 +209,9 @@ def token_logprobs(
     if logits2d.shape[0] == 0:
         empty = logits.new_zeros(batch_shape, dtype=out_dtype(logits.dtype)) + 0 * logits.sum()
         return (empty, empty.clone()) if return_entropy else empty
-    out = TokenLogprobsFunction.apply(logits2d, labels1d, int(ignore_index), 1.0 / t, bool(return_entropy), concrete)
+    out = TokenLogprobsFunction.apply(
+        logits2d, labels1d, int(ignore_index), 1.0 / t, bool(return_entropy), concrete
+    )
     if return_entropy:
         return out[0].view(batch_shape), out[1].view(batch_shape)
     return out.view(batch_shape)

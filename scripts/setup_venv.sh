@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Create .venv (if missing) and install fastalign with pinned dependencies (if they changed).
+# Sourced by scripts/demo.sh and scripts/test.sh; safe to run again (a stamp skips pip).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+PY="${PYTHON:-python3}"
+if ! "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null; then
+  echo "fastalign needs Python >= 3.10 (found: $("$PY" --version 2>&1)); set PYTHON=/path/to/python3.x" >&2
+  exit 1
+fi
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+
+stamp=".venv/.deps-$(cat pyproject.toml setup.py | sha256sum | cut -c1-16)"
+if [ ! -f "$stamp" ]; then
+  echo "== installing fastalign and its pinned dependencies into .venv (first run only) =="
+  .venv/bin/python -m pip install -q --upgrade pip 2>/dev/null || true
+  # torch is pinned to 2.13.0. Without CUDA, point FASTALIGN_TORCH_INDEX at PyTorch's CPU wheel
+  # index to avoid downloading the multi-GB CUDA build.
+  .venv/bin/python -m pip install -q "torch==2.13.0" ${FASTALIGN_TORCH_INDEX:+--index-url "$FASTALIGN_TORCH_INDEX"}
+  .venv/bin/python -m pip install -q -e ".[dev]"
+  rm -f .venv/.deps-*
+  touch "$stamp"
+fi
+
+# JIT-built C++ kernels are cached inside the venv (rebuilt only when their sources change).
+export FASTALIGN_EXTENSIONS_DIR="${FASTALIGN_EXTENSIONS_DIR:-$ROOT/.venv/torch_extensions}"

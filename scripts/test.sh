@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The test suite: lint, then pytest (GPU tests skip without CUDA). Extra args go to pytest.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/setup_venv.sh"
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .
+exec .venv/bin/python -m pytest "$@"
