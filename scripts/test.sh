@@ -4,4 +4,6 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup_venv.sh"
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
-exec .venv/bin/python -m pytest "$@"
+# The pytest entry point (not `python -m pytest`) keeps the checkout root off sys.path, so the
+# repo's top-level kernels/ folder is never importable as `kernels`.
+exec .venv/bin/pytest "$@"

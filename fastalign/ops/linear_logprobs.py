@@ -27,7 +27,7 @@ from fastalign.ops._backend import (
     out_dtype,
     resolve_backend,
 )
-from fastalign.ops.token_logprobs import token_logprobs_reference
+from fastalign.ops.token_logprobs import _p_log_p, token_logprobs_reference
 
 _OP = "linear_logprobs"
 _TILE_BYTES = 32 * 2**20  # default fp32 (N, chunk) tile size for the torch / cpp backends
@@ -93,13 +93,15 @@ def linear_logprobs_forward_torch(
         v1 = min(vocab, v0 + chunk_size)
         z = _logits_tile(hidden, weight, bias, v0, v1, inv_temperature, acc)  # (N, Vc)
         m_new = torch.maximum(m, z.amax(1))
+        # Rows whose logits so far are all -inf (masked vocabulary) shift by 0, not by -inf.
+        m_new = torch.where(m_new == float("-inf"), 0.0, m_new)
         scale = torch.exp(m - m_new)  # 0 on the first tile (m = -inf)
         z.sub_(m_new.unsqueeze(1))
         e = z.exp()
         if with_entropy:
             # t' = e^{m-m'} (t + (m - m') s): guard the first tile's (-inf * 0).
             shift = torch.where(s > 0, (m - m_new) * s, 0.0)
-            t = scale * (t + shift) + (e * z).sum(1)
+            t = scale * (t + shift) + _p_log_p(e, z).sum(1)
         s = s * scale + e.sum(1)
         m = m_new
         hit = valid & (labels >= v0) & (labels < v1)
@@ -147,7 +149,7 @@ def linear_logprobs_backward_torch(
         p = logp.exp()
         dz = -g * p
         if gh is not None:
-            dz -= gh * p * (logp + h_plus)
+            dz -= gh * _p_log_p(p, logp + h_plus)
         hit = valid & (labels >= v0) & (labels < v1)
         dz.scatter_add_(
             1, torch.where(hit, labels - v0, 0).unsqueeze(1), torch.where(hit.unsqueeze(1), g, 0.0)

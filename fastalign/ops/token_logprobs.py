@@ -49,7 +49,7 @@ def token_logprobs_reference(
     logp = torch.where(valid, logp, 0.0).to(out_dtype(logits.dtype))
     if not return_entropy:
         return logp
-    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    entropy = -_p_log_p(logp_all.exp(), logp_all).sum(-1)
     entropy = torch.where(valid, entropy, 0.0).to(out_dtype(logits.dtype))
     return logp, entropy
 
@@ -57,6 +57,11 @@ def token_logprobs_reference(
 # ---------------------------------------------------------------------------------------------
 # torch backend: chunked over rows, fp32 math, same signature as the cpp / triton launchers.
 # ---------------------------------------------------------------------------------------------
+def _p_log_p(p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """p * x with 0 where p == 0, so -inf logits (masked vocabulary) give 0, not NaN."""
+    return torch.where(p > 0, p * x, 0.0)
+
+
 def _row_chunk(n: int, v: int) -> int:
     return max(1, min(n, _TORCH_CHUNK_BYTES // (4 * max(v, 1))))
 
@@ -81,7 +86,7 @@ def token_logprobs_forward_torch(
         logp[r0:r1] = torch.where(valid, z_lab - lse_c, 0.0)
         if entropy is not None:
             z.sub_(lse_c.unsqueeze(1))  # log p, in place
-            h = -(z.exp() * z).sum(1)
+            h = -_p_log_p(z.exp(), z).sum(1)
             entropy[r0:r1] = torch.where(valid, h, 0.0)
     return logp, lse, entropy
 
@@ -110,7 +115,7 @@ def token_logprobs_backward_torch(
         dz = -g * p
         if grad_entropy is not None:
             gh = torch.where(valid, grad_entropy[r0:r1].to(acc), 0.0).unsqueeze(1)
-            dz -= gh * p * (logp_all + entropy[r0:r1].unsqueeze(1))
+            dz -= gh * _p_log_p(p, logp_all + entropy[r0:r1].unsqueeze(1))
         dz.scatter_add_(1, torch.where(valid, lab, 0).unsqueeze(1), g)
         grad_logits[r0:r1] = dz * inv_temperature
     return grad_logits

@@ -85,7 +85,7 @@ def test_no_bias_no_entropy(backend):
     assert fused[1] is None and fused[4] is None
 
 
-@pytest.mark.parametrize("backend", ["torch", "cpp"])
+@pytest.mark.parametrize("backend", cpu_backends())
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_low_precision_matches_float64(backend, dtype):
     check_against_float64(backend, (2, 20), 64, 1500, dtype, temperature=1.2, chunk=512)
@@ -104,7 +104,7 @@ def test_equals_token_logprobs_on_materialised_logits(backend):
     assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("backend", ["torch", "cpp"])
+@pytest.mark.parametrize("backend", cpu_backends())
 def test_gradcheck_float64(backend):
     hidden, weight, b, labels = make_case((5,), 6, 13, torch.float64)
     labels[0] = -100
@@ -179,3 +179,23 @@ def test_triton_gpu_matches_float64(dtype, case):
     )
     for name, f, p, t in zip(NAMES, fused, plain, truth, strict=True):
         assert_within_rule(f"triton/{name}", f, p, t, dtype)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_minus_inf_bias_masks_tokens(backend):
+    hidden, weight = torch.randn(5, 8), torch.randn(70, 8)
+    bias = torch.zeros(70)
+    bias[:40] = float("-inf")  # a whole leading tile masked
+    labels = torch.tensor([50, 69, 45, -100, 41])
+    h = hidden.clone().requires_grad_(True)
+    logp, ent = linear_logprobs(
+        h, weight, labels, bias=bias, return_entropy=True, chunk_size=32, backend=backend
+    )
+    (logp.sum() + ent.sum()).backward()
+    z = (hidden @ weight.T).double()[:, 40:]
+    want = token_logprobs(
+        z, torch.where(labels >= 0, labels - 40, -100), return_entropy=True, backend="torch"
+    )
+    assert torch.allclose(logp.double(), want[0], atol=1e-5)
+    assert torch.allclose(ent.double(), want[1], atol=1e-5)
+    assert torch.isfinite(h.grad).all()

@@ -56,7 +56,7 @@ def test_fp32_matches_float64(backend, shape, temperature):
     check_against_float64(backend, shape, torch.float32, temperature)
 
 
-@pytest.mark.parametrize("backend", ["torch", "cpp"])
+@pytest.mark.parametrize("backend", cpu_backends())
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
 @pytest.mark.parametrize("shape", [(7, 1000), (2, 3, 4099)], ids=str)
 def test_low_precision_matches_float64(backend, dtype, shape):
@@ -96,7 +96,7 @@ def test_entropy_of_uniform_and_one_hot(backend):
     assert logp[1].item() == 0.0 and ent[1].item() == pytest.approx(0.0, abs=1e-6)
 
 
-@pytest.mark.parametrize("backend", ["torch", "cpp"])
+@pytest.mark.parametrize("backend", cpu_backends())
 def test_gradcheck_float64(backend):
     logits = torch.randn(3, 2, 11, dtype=torch.float64, requires_grad=True)
     labels = torch.tensor([[1, -100], [10, 0], [5, 5]])
@@ -186,3 +186,17 @@ def test_triton_gpu_matches_float64(dtype, shape):
     truth = run(token_logprobs_reference, logits.double(), labels, g_logp.double(), g_ent.double(), **kw)
     for name, f, p, t in zip(("logp", "entropy", "grad"), fused, plain, truth, strict=True):
         assert_within_rule(f"triton/{name}", f, p, t, dtype)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_masked_vocabulary_with_minus_inf_logits(backend):
+    logits = torch.randn(3, 40)
+    logits[:, 10:25] = float("-inf")  # e.g. tokens banned by a constrained decoder
+    labels = torch.tensor([0, 30, -100])
+    x = logits.clone().requires_grad_(True)
+    logp, ent = token_logprobs(x, labels, return_entropy=True, backend=backend)
+    (logp.sum() + ent.sum()).backward()
+    want_logp, want_ent = token_logprobs_reference(logits.double(), labels, return_entropy=True)
+    assert torch.isfinite(x.grad).all() and (x.grad[:, 10:25] == 0).all()
+    assert torch.allclose(logp.double(), want_logp, atol=1e-5)
+    assert torch.allclose(ent.double(), want_ent, atol=1e-5)

@@ -1,0 +1,861 @@
+#!/usr/bin/env python
+"""Microbenchmarks of fastalign's fused log-prob ops against the eager PyTorch baseline.
+
+    python benchmarks/bench_ops.py --quick                  # ~2-3 min on a 2-core CPU, fp32
+    python benchmarks/bench_ops.py --quick --gate           # ... then the CI regression gate
+    python benchmarks/bench_ops.py --out benchmarks/results/cpu-2025-01-01.csv   # full shapes
+    python benchmarks/bench_ops.py --device cuda --dtypes bf16                      # on a GPU
+
+For each op (token_logprobs, linear_logprobs) x backend (cpu: eager, cpp, torch; cuda: eager,
+triton, torch) x mode (fwd, fwd+bwd) x shape x dtype it records the median / p20 / p80 time, the
+peak extra memory of one call, and the achieved GB/s (token_logprobs) or GFLOP/s
+(linear_logprobs) beside the machine's copy bandwidth / matmul rate measured in the same run.
+
+Every case runs in a fresh subprocess (`--case JSON`, internal) so that its peak memory is its
+own; see benchmarks/README.md for the method, the metrics and the CSV format.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as _dt
+import gc
+import json
+import math
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+RESULT_TAG = "@@BENCH_RESULT "
+CSV_COLUMNS = ("op", "backend", "mode", "shape", "dtype", "metric", "value", "device", "commit")
+OPS = ("token_logprobs", "linear_logprobs")
+MODES = ("fwd", "fwd+bwd")
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+ELT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+FUSED_BACKENDS = {"cpu": ("cpp", "torch"), "cuda": ("triton", "torch")}
+DEFAULT_BASELINE = HERE / "baseline_quick.csv"
+
+# (N, V) for token_logprobs, (N, H, V) for linear_logprobs.
+SHAPES = {
+    ("cpu", "quick"): {"token_logprobs": [(1024, 32768)], "linear_logprobs": [(512, 576, 32768)]},
+    ("cpu", "full"): {
+        "token_logprobs": [(4096, 49152), (1024, 128256)],
+        "linear_logprobs": [(4096, 576, 49152), (1024, 576, 128256)],
+    },
+    ("cuda", "quick"): {"token_logprobs": [(4096, 49152)], "linear_logprobs": [(4096, 576, 49152)]},
+    ("cuda", "full"): {
+        "token_logprobs": [(4096, 49152), (4096, 128256), (16384, 128256)],
+        "linear_logprobs": [(4096, 576, 49152), (4096, 2048, 128256), (8192, 4096, 128256)],
+    },
+}
+# Per op. bf16 linear_logprobs on CPU is left out of the default full run to keep it within
+# ~15 min on 2 cores (add it with --dtypes fp32,bf16).
+DEFAULT_DTYPES = {
+    ("cpu", "quick"): {"token_logprobs": ["fp32"], "linear_logprobs": ["fp32"]},
+    ("cpu", "full"): {"token_logprobs": ["fp32", "bf16"], "linear_logprobs": ["fp32"]},
+    ("cuda", "quick"): {"token_logprobs": ["bf16"], "linear_logprobs": ["bf16"]},
+    ("cuda", "full"): {"token_logprobs": ["bf16"], "linear_logprobs": ["bf16"]},
+}
+# Timing: reps = clamp(target_s / first-call time, min_reps, max_reps).
+TIMING = {
+    ("cpu", "quick"): {"target_s": 1.5, "min_reps": 5, "max_reps": 20, "timeout_s": 180},
+    ("cpu", "full"): {"target_s": 5.0, "min_reps": 3, "max_reps": 30, "timeout_s": 900},
+    ("cuda", "quick"): {"target_s": 0.5, "min_reps": 10, "max_reps": 50, "timeout_s": 300},
+    ("cuda", "full"): {"target_s": 1.0, "min_reps": 10, "max_reps": 100, "timeout_s": 600},
+}
+
+
+def shape_label(op: str, shape: tuple[int, ...]) -> str:
+    if op == "token_logprobs":
+        n, v = shape
+        return f"N={n} V={v}"
+    n, h, v = shape
+    return f"N={n} H={h} V={v}"
+
+
+def parse_shapes(text: str, dims: int) -> list[tuple[int, ...]]:
+    out = []
+    for item in text.split(","):
+        parts = tuple(int(x) for x in item.lower().strip().split("x"))
+        if len(parts) != dims:
+            raise argparse.ArgumentTypeError(f"shape {item!r} needs {dims} numbers joined by 'x'")
+        out.append(parts)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# process / machine helpers
+# ---------------------------------------------------------------------------------------------
+def _proc_status_mb() -> dict[str, float]:
+    """VmRSS / VmHWM of this process in MiB, from /proc/self/status (Linux)."""
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                out[line.split(":")[0]] = int(line.split()[1]) / 1024.0
+    return out
+
+
+def _reset_hwm() -> bool:
+    """Reset this process's peak RSS to its current RSS (Linux >= 4.0: clear_refs '5')."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _maxrss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+
+
+def cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def git_commit() -> str:
+    """Short HEAD commit: $BENCH_COMMIT, else read from .git, else `git rev-parse`, else 'unknown'."""
+    if os.environ.get("BENCH_COMMIT"):
+        return os.environ["BENCH_COMMIT"]
+    try:
+        gitdir = REPO / ".git"
+        if gitdir.is_file():  # worktree / submodule: "gitdir: <path>"
+            gitdir = (REPO / gitdir.read_text().split(":", 1)[1].strip()).resolve()
+        common = gitdir
+        if (gitdir / "commondir").is_file():
+            common = (gitdir / (gitdir / "commondir").read_text().strip()).resolve()
+        head = (gitdir / "HEAD").read_text().strip()
+        if not head.startswith("ref:"):
+            return head[:7]
+        ref = head[4:].strip()
+        for base in (gitdir, common):
+            if (base / ref).is_file():
+                return (base / ref).read_text().strip()[:7]
+        packed = common / "packed-refs"
+        if packed.is_file():
+            for line in packed.read_text().splitlines():
+                if line.endswith(" " + ref):
+                    return line.split()[0][:7]
+    except (OSError, IndexError):
+        pass
+    try:
+        res = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10
+        )
+        if res.returncode == 0 and res.stdout.strip():
+            return res.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return "unknown"
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def measure_membw(device: str, nbytes: int, reps: int) -> float:
+    """Best copy bandwidth in GB/s (bytes read + bytes written, as in STREAM 'copy')."""
+    import torch
+
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).normal_()
+    dst = torch.empty_like(src)
+    best = 0.0
+    for _ in range(reps + 1):  # the first copy faults `dst` in: not counted
+        _sync(device)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        _sync(device)
+        dt = time.perf_counter() - t0
+        best = max(best, 2 * src.numel() * 4 / dt / 1e9)
+    return best
+
+
+def measure_matmul(device: str, n: int, h: int, v: int, dtype: str, reps: int) -> float:
+    """Best GFLOP/s of torch.mm over the three products of a linear layer's forward and backward
+    (hidden @ weight.T, dlogits @ weight, dlogits.T @ hidden), into preallocated outputs."""
+    import torch
+
+    tdtype = getattr(torch, DTYPES[dtype])
+    a = torch.empty(n, h, dtype=tdtype, device=device).normal_()
+    w = torch.empty(v, h, dtype=tdtype, device=device).normal_()
+    dz = torch.empty(n, v, dtype=tdtype, device=device).normal_()
+    products = (
+        (a, w.T, torch.empty(n, v, dtype=tdtype, device=device)),
+        (dz, w, torch.empty(n, h, dtype=tdtype, device=device)),
+        (dz.T, a, torch.empty(v, h, dtype=tdtype, device=device)),
+    )
+    best = 0.0
+    for x, y, out in products:
+        for i in range(reps + 1):  # the first product of each layout is a warmup
+            _sync(device)
+            t0 = time.perf_counter()
+            torch.mm(x, y, out=out)
+            _sync(device)
+            dt = time.perf_counter() - t0
+            if i > 0:
+                best = max(best, 2 * n * h * v / dt / 1e9)
+    return best
+
+
+# ---------------------------------------------------------------------------------------------
+# child: run cases, print one RESULT line per case
+# ---------------------------------------------------------------------------------------------
+def _make_inputs(case: dict, shape: tuple[int, ...], device: str, seed: int = 0):
+    """Inputs created in place (no temporaries, so creating them leaves no high-water mark above
+    the inputs themselves). Returns (params, labels); params require grad in fwd+bwd mode."""
+    import torch
+
+    tdtype = getattr(torch, DTYPES[case["dtype"]])
+    gen = torch.Generator(device=device).manual_seed(seed)
+    if case["op"] == "token_logprobs":
+        n, v = shape
+        params = [torch.empty(n, v, dtype=tdtype, device=device).normal_(0.0, 2.0, generator=gen)]
+    else:
+        n, h, v = shape
+        hidden = torch.empty(n, h, dtype=tdtype, device=device).normal_(0.0, 1.0, generator=gen)
+        weight = torch.empty(v, h, dtype=tdtype, device=device).normal_(
+            0.0, 2.0 / math.sqrt(h), generator=gen
+        )
+        params = [hidden, weight]
+    labels = torch.randint(0, v, (n,), device=device, generator=gen)
+    for p in params:
+        p.requires_grad_(case["mode"] == "fwd+bwd")
+    return params, labels
+
+
+def _make_step(op: str, backend: str, mode: str, params: list, labels):
+    """step() runs one call: a forward under no_grad ("fwd"), or forward + .sum().backward()
+    with the grads set to None first, so that every step allocates them ("fwd+bwd")."""
+    import torch
+
+    from fastalign.ops import (
+        linear_logprobs,
+        linear_logprobs_reference,
+        token_logprobs,
+        token_logprobs_reference,
+    )
+
+    if op == "token_logprobs":
+        if backend == "eager":
+            call = lambda: token_logprobs_reference(params[0], labels)
+        else:
+            call = lambda: token_logprobs(params[0], labels, backend=backend)
+    elif backend == "eager":
+        call = lambda: linear_logprobs_reference(params[0], params[1], labels)
+    else:
+        call = lambda: linear_logprobs(params[0], params[1], labels, backend=backend)
+
+    if mode == "fwd+bwd":
+
+        def step():
+            for p in params:
+                p.grad = None
+            call().sum().backward()
+
+    else:
+
+        def step():
+            with torch.no_grad():
+                call()
+
+    return step
+
+
+def _run_one(case: dict) -> dict:
+    import numpy as np
+    import torch
+
+    device = case["device"]
+    shape = tuple(case["shape"])
+    res: dict = {k: case[k] for k in ("op", "backend", "mode", "dtype")}
+    res["shape"] = shape_label(case["op"], shape)
+
+    # 1. warm the code paths (library pages, thread pools, the C++ extension, kernels' caches)
+    #    on a small problem, so that the measured call counts only what depends on its data.
+    op, backend, mode = case["op"], case["backend"], case["mode"]
+    paired = backend != "eager" and case.get("paired", True)
+    small = (64, 2048) if op == "token_logprobs" else (64, 64, 2048)
+    params, labels = _make_inputs(case, small, device)
+    for b in (backend, "eager") if paired else (backend,):
+        step = _make_step(op, b, mode, params, labels)
+        for _ in range(2):
+            step()
+    del step, params, labels
+
+    # 2. inputs at full size, created in place.
+    params, labels = _make_inputs(case, shape, device, seed=1)
+    step = _make_step(op, backend, mode, params, labels)
+    if device == "cuda":
+        step()  # compile / autotune the kernels for this shape before measuring memory
+        for p in params:
+            p.grad = None
+    gc.collect()
+    _sync(device)
+
+    # 3. peak extra memory of one call.
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        t0 = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        first_s = time.perf_counter() - t0
+        res["peak_mem_mb"] = (torch.cuda.max_memory_allocated() - before) / 2**20
+        res["mem_method"] = "torch.cuda.max_memory_allocated - memory_allocated before the call"
+    else:
+        if _reset_hwm():
+            before = _proc_status_mb()["VmRSS"]
+            t0 = time.perf_counter()
+            step()
+            first_s = time.perf_counter() - t0
+            res["peak_mem_mb"] = max(0.0, _proc_status_mb()["VmHWM"] - before)
+            res["mem_method"] = (
+                "VmHWM after the call - VmRSS before it (peak reset via /proc/self/clear_refs)"
+            )
+        else:
+            before = _proc_status_mb()["VmRSS"]
+            floor = _maxrss_mb()
+            t0 = time.perf_counter()
+            step()
+            first_s = time.perf_counter() - t0
+            res["peak_mem_mb"] = max(0.0, _maxrss_mb() - before)
+            res["mem_method"] = "ru_maxrss after the call - RSS before it"
+            if floor > before + 1.0:
+                res["mem_method"] += (
+                    f" (UNRELIABLE: high-water mark was already {floor - before:.0f} MB above)"
+                )
+    res["first_call_ms"] = first_s * 1e3
+
+    # 4. timings. Fused backends are timed in pairs with the eager baseline on the same inputs,
+    #    alternating which goes first; speedup_vs_eager is the median of the per-pair ratios, so
+    #    that a change of machine load during the run cancels out of it.
+    #    The number of reps (pairs) is clamp(target_s / time of the first one, min_reps, max_reps).
+    target, lo, hi = case["target_s"], case["min_reps"], case["max_reps"]
+    steps = {backend: step}
+    if paired:
+        steps["eager"] = _make_step(op, "eager", mode, params, labels)
+    if first_s < 1.0:  # warm-up (the memory call above served as one for slow cases)
+        for s in steps.values():
+            s()
+    times: dict[str, list[float]] = {b: [] for b in steps}
+    i = reps = 0
+    while i == 0 or i < reps:
+        for b in list(steps)[:: 1 if i % 2 == 0 else -1]:
+            _sync(device)
+            t0 = time.perf_counter()
+            steps[b]()
+            _sync(device)
+            times[b].append((time.perf_counter() - t0) * 1e3)
+        if i == 0:
+            rep_s = sum(t[0] for t in times.values()) / 1e3
+            reps = int(min(hi, max(lo, round(target / max(rep_s, 1e-6)))))
+        i += 1
+    p20, med, p80 = np.percentile(np.array(times[backend]), [20, 50, 80]).tolist()
+    res.update(time_ms_median=med, time_ms_p20=p20, time_ms_p80=p80, reps=reps)
+    if paired:
+        ratios = np.array(times["eager"]) / np.array(times[backend])
+        res["speedup_vs_eager"] = float(np.median(ratios))
+        res["eager_paired_ms_median"] = float(np.median(times["eager"]))
+    return res
+
+
+def child_main(cases: list[dict]) -> int:
+    import torch
+
+    torch.set_num_threads(cases[0]["threads"])
+    for case in cases:
+        try:
+            if case.get("cpp_so"):
+                _pin_cpp(case["cpp_so"])
+            res = _run_one(case)
+        except Exception as exc:
+            traceback.print_exc()
+            msg = " ".join(f"{type(exc).__name__}: {exc}".split())
+            res = {k: case[k] for k in ("op", "backend", "mode", "dtype")}
+            res.update(shape=shape_label(case["op"], tuple(case["shape"])), error=msg[:600])
+        gc.collect()
+        if case["device"] == "cuda":
+            torch.cuda.empty_cache()
+        print(RESULT_TAG + json.dumps(res), flush=True)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# parent: plan, machine figures, subprocesses, derived metrics, CSV, table
+# ---------------------------------------------------------------------------------------------
+def run_group(cases: list[dict], timeout_s: float, threads: int) -> list[dict]:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--case", json.dumps(cases)]
+    results: dict[tuple, dict] = {}
+    stderr = ""
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env, cwd=REPO)
+        stdout, stderr, rc = proc.stdout, proc.stderr, proc.returncode
+    except subprocess.TimeoutExpired as exc:
+        stdout = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+        stderr = exc.stderr.decode() if isinstance(exc.stderr, bytes) else (exc.stderr or "")
+        rc = f"timeout after {timeout_s:.0f} s"
+    for line in stdout.splitlines():
+        if line.startswith(RESULT_TAG):
+            r = json.loads(line[len(RESULT_TAG) :])
+            results[(r["op"], r["backend"], r["mode"], r["shape"], r["dtype"])] = r
+    out = []
+    for case in cases:
+        key = (case["op"], case["backend"], case["mode"], shape_label(case["op"], tuple(case["shape"])))
+        key += (case["dtype"],)
+        r = results.get(key)
+        if r is None:
+            tail = " | ".join(stderr.strip().splitlines()[-3:])
+            how = f"signal {-rc}" if isinstance(rc, int) and rc < 0 else f"exit status {rc}"
+            r = dict(zip(("op", "backend", "mode", "shape", "dtype"), key, strict=True))
+            r["error"] = f"case subprocess died ({how}): {tail}"[:600]
+        if "error" in r and stderr.strip():
+            r["stderr_tail"] = "\n".join(stderr.strip().splitlines()[-15:])
+        out.append(r)
+    return out
+
+
+def build_cpp() -> tuple[bool, str, str | None]:
+    """Build (or load from the cache) the C++ extension once, in the parent, so that no timed
+    subprocess pays for the JIT build. Returns (ok, message, path of the built module)."""
+    t0 = time.perf_counter()
+    try:
+        from fastalign.ops import _cpp
+
+        mod = _cpp.load()
+    except Exception as exc:
+        msg = " ".join(f"{type(exc).__name__}: {exc}".split())
+        return False, msg[:1500], None
+    path = getattr(mod, "__file__", None)
+    return True, f"built / loaded in {time.perf_counter() - t0:.1f} s ({path})", path
+
+
+def _pin_cpp(path: str) -> None:
+    """Child: use exactly the extension the parent built, even if csrc/ changed since (the cases
+    of one run must measure one build, and never pay for a JIT build)."""
+    import importlib.machinery
+    import importlib.util
+
+    from fastalign.ops import _cpp
+
+    name = Path(path).name.split(".")[0]
+    loader = importlib.machinery.ExtensionFileLoader(name, path)
+    spec = importlib.util.spec_from_file_location(name, path, loader=loader)
+    mod = importlib.util.module_from_spec(spec)
+    loader.exec_module(mod)
+    _cpp.load = lambda: mod
+
+
+def fmt(x: float | None, spec: str = ".1f") -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def print_table(results: list[dict], machine: dict, device_name: str, threads: int) -> None:
+    print()
+    print("=" * 100)
+    loads = " / ".join(f"{x:.2f}" for x in machine.get("loadavg", []))
+    print(f"RESULTS  ({device_name}, {threads} threads; 1-min load average before / after: {loads})")
+    print("  time      median over the reps, [p20-p80] spread; each rep is one call (fwd+bwd: forward,")
+    print("            .sum().backward(), grads for logits / hidden+weight included).")
+    print("  vs eager  speedup over eager log_softmax + gather (>1: faster): median of eager time / this")
+    print("            time over pairs of calls timed back to back on the same inputs in one process.")
+    print("  peak MB   peak extra memory of one call above the inputs (grads included for fwd+bwd).")
+    print("  mem/eager peak MB / eager's peak MB  (<1: leaner).")
+    print("  GB/s      token_logprobs: bytes that must move (fwd N*V*elt, fwd+bwd 3*N*V*elt) / median;")
+    print(f"            % limit vs this run's copy bandwidth ({fmt(machine.get('membw_gbps'))} GB/s).")
+    print("  GFLOP/s   linear_logprobs: useful FLOPs (fwd 2NVH, fwd+bwd 6NVH) / median;")
+    print("            % limit vs this run's best torch.mm rate on that shape (MFU-style).")
+    print("  Times on a shared machine are noisy (see the load average); ratios within one run less so.")
+    print("=" * 100)
+    groups: dict[tuple, list[dict]] = {}
+    for r in results:
+        groups.setdefault((r["op"], r["shape"], r["dtype"], r["mode"]), []).append(r)
+    for (op, shape, dtype, mode), rows in groups.items():
+        rate = "GB/s" if op == "token_logprobs" else "GFLOP/s"
+        print()
+        print(f"{op}  {shape}  {dtype}  {mode}")
+        print(
+            f"  {'backend':<8} {'median ms':>10} {'[p20 - p80]':>21} {'vs eager':>9} {'peak MB':>9} "
+            f"{'mem/eager':>9} {rate:>8} {'% limit':>8}"
+        )
+        for r in rows:
+            if "error" in r:
+                print(f"  {r['backend']:<8} SKIPPED: {r.get('note', r['error'])[:160]}")
+                continue
+            spread = f"[{fmt(r['time_ms_p20'])} - {fmt(r['time_ms_p80'])}]"
+            speed = r.get("speedup_vs_eager")
+            ratio = r.get("mem_ratio_vs_eager")
+            frac = r.get("frac_of_limit")
+            print(
+                f"  {r['backend']:<8} {fmt(r['time_ms_median']):>10} {spread:>21} "
+                f"{(fmt(speed, '.2f') + 'x') if speed is not None else '-':>9} {fmt(r['peak_mem_mb']):>9} "
+                f"{fmt(ratio, '.2f'):>9} {fmt(r.get('rate')):>8} "
+                f"{(fmt(100 * frac) + '%') if frac is not None else '-':>8}"
+            )
+    print()
+
+
+def derive(results: list[dict], machine: dict) -> None:
+    """Add rate / fraction of the machine limit / ratios vs eager to each successful result."""
+    eager = {}
+    for r in results:
+        if r["backend"] == "eager" and "error" not in r:
+            eager[(r["op"], r["shape"], r["dtype"], r["mode"])] = r
+    for r in results:
+        if "error" in r:
+            continue
+        dims = dict(kv.split("=") for kv in r["shape"].split())
+        n, v = int(dims["N"]), int(dims["V"])
+        sec = r["time_ms_median"] / 1e3
+        if r["op"] == "token_logprobs":
+            moved = n * v * ELT_BYTES[r["dtype"]] * (3 if r["mode"] == "fwd+bwd" else 1)
+            r["rate"] = r["gbps"] = moved / sec / 1e9
+            limit = machine.get("membw_gbps")
+        else:
+            h = int(dims["H"])
+            flops = 2 * n * v * h * (3 if r["mode"] == "fwd+bwd" else 1)
+            r["rate"] = r["gflops"] = flops / sec / 1e9
+            limit = machine.get("matmul_gflops", {}).get((n, h, v, r["dtype"]))
+        if limit:
+            r["frac_of_limit"] = r["rate"] / limit
+        base = eager.get((r["op"], r["shape"], r["dtype"], r["mode"]))
+        if base is not None and r["backend"] != "eager":
+            if "eager_paired_ms_median" not in r:  # not timed in pairs: ratio of the two medians
+                r["speedup_vs_eager"] = base["time_ms_median"] / r["time_ms_median"]
+            if base["peak_mem_mb"] > 0:
+                r["mem_ratio_vs_eager"] = r["peak_mem_mb"] / base["peak_mem_mb"]
+
+
+def write_csv(
+    path: Path, results: list[dict], machine_rows: list[tuple], device_name: str, commit: str
+) -> None:
+    metrics = (
+        "time_ms_median",
+        "time_ms_p20",
+        "time_ms_p80",
+        "reps",
+        "peak_mem_mb",
+        "speedup_vs_eager",
+        "eager_paired_ms_median",
+        "mem_ratio_vs_eager",
+        "gbps",
+        "gflops",
+        "frac_of_limit",
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(CSV_COLUMNS)
+        for op, backend, mode, shape, dtype, metric, value in machine_rows:
+            w.writerow((op, backend, mode, shape, dtype, metric, f"{value:.6g}", device_name, commit))
+        for r in results:
+            key = (r["op"], r["backend"], r["mode"], r["shape"], r["dtype"])
+            if "error" in r:
+                w.writerow((*key, "error", r["error"], device_name, commit))
+                continue
+            for m in metrics:
+                if m in r:
+                    w.writerow((*key, m, f"{r[m]:.6g}", device_name, commit))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small shapes, few reps, fp32 on CPU (CI gate run)")
+    ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    ap.add_argument("--ops", default=",".join(OPS), help="comma list (default: both ops)")
+    ap.add_argument(
+        "--backends",
+        default=None,
+        help="comma list of fused backends (default: cpu cpp,torch; cuda triton,torch)",
+    )
+    ap.add_argument("--modes", default=",".join(MODES), help="comma list of fwd, fwd+bwd")
+    ap.add_argument(
+        "--dtypes", default=None, help="comma list of fp32, bf16, fp16 (default depends on device/mode)"
+    )
+    ap.add_argument(
+        "--token-shapes", type=lambda s: parse_shapes(s, 2), default=None, help="e.g. 4096x49152,1024x128256"
+    )
+    ap.add_argument(
+        "--linear-shapes",
+        type=lambda s: parse_shapes(s, 3),
+        default=None,
+        help="NxHxV list, e.g. 4096x576x49152",
+    )
+    ap.add_argument(
+        "--threads", type=int, default=None, help="torch / OpenMP threads (default: all usable cores)"
+    )
+    ap.add_argument(
+        "--target-s", type=float, default=None, help="timing budget per case (sets the number of reps)"
+    )
+    ap.add_argument("--min-reps", type=int, default=None)
+    ap.add_argument(
+        "--no-pairs",
+        action="store_true",
+        help="time fused backends alone; speedup = ratio of the medians of separate processes (noisier)",
+    )
+    ap.add_argument("--case-timeout", type=float, default=None, help="seconds per case subprocess")
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="CSV path (default benchmarks/results/local/<device>-<mode>-<time>.csv)",
+    )
+    ap.add_argument(
+        "--gate",
+        nargs="?",
+        const=str(DEFAULT_BASELINE),
+        default=None,
+        metavar="BASELINE",
+        help=f"after the run, gate it against BASELINE (default {DEFAULT_BASELINE.relative_to(REPO)})",
+    )
+    ap.add_argument("--time-tol", type=float, default=None, help="gate: speedup tolerance (default 0.3)")
+    ap.add_argument(
+        "--write-baseline",
+        nargs="?",
+        const=str(DEFAULT_BASELINE),
+        default=None,
+        metavar="PATH",
+        help=f"copy this run's CSV to PATH (default {DEFAULT_BASELINE.relative_to(REPO)})",
+    )
+    ap.add_argument("--case", default=None, help=argparse.SUPPRESS)  # internal: JSON list of cases
+    args = ap.parse_args(argv)
+
+    if args.case is not None:
+        return child_main(json.loads(args.case))
+
+    t_start = time.perf_counter()
+    import torch
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but torch.cuda.is_available() is False", file=sys.stderr)
+        return 2
+    kind = "quick" if args.quick else "full"
+    threads = args.threads or cpu_count()
+    torch.set_num_threads(threads)
+    ops = [o.strip() for o in args.ops.split(",") if o.strip()]
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if args.dtypes:
+        dtypes_of = {op: [d.strip() for d in args.dtypes.split(",") if d.strip()] for op in OPS}
+    else:
+        dtypes_of = DEFAULT_DTYPES[(device, kind)]
+    fused = [b.strip() for b in args.backends.split(",")] if args.backends else list(FUSED_BACKENDS[device])
+    for name, vals, allowed in (
+        ("op", ops, OPS),
+        ("mode", modes, MODES),
+        ("dtype", args.dtypes or "", DTYPES),
+        ("backend", fused, ("eager", "cpp", "torch", "triton")),
+    ):
+        vals = vals.split(",") if isinstance(vals, str) else vals
+        vals = [x.strip() for x in vals if x.strip()]
+        bad = [x for x in vals if x not in allowed]
+        if bad:
+            print(f"error: unknown {name}(s) {bad}; choose from {list(allowed)}", file=sys.stderr)
+            return 2
+    backends = ["eager"] + [b for b in fused if b != "eager"]
+    shapes = dict(SHAPES[(device, kind)])
+    if args.token_shapes:
+        shapes["token_logprobs"] = args.token_shapes
+    if args.linear_shapes:
+        shapes["linear_logprobs"] = args.linear_shapes
+    timing = dict(TIMING[(device, kind)])
+    if args.target_s is not None:
+        timing["target_s"] = args.target_s
+    if args.min_reps is not None:
+        timing["min_reps"] = args.min_reps
+    if args.case_timeout is not None:
+        timing["timeout_s"] = args.case_timeout
+    device_name = torch.cuda.get_device_name() if device == "cuda" else cpu_model()
+    commit = git_commit()
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out = args.out or REPO / "benchmarks" / "results" / "local" / f"{device}-{kind}-{stamp}.csv"
+
+    print(f"fastalign op benchmarks ({kind} mode) -- commit {commit}, torch {torch.__version__}")
+    print(
+        f"device: {device} ({device_name}); "
+        f"torch.set_num_threads({threads}) [OMP_NUM_THREADS={threads} in the cases]"
+    )
+    print(f"ops {ops}  backends {backends}  modes {modes}")
+    for op in ops:
+        print(f"  {op}: {', '.join(dtypes_of[op])} at {', '.join(shape_label(op, s) for s in shapes[op])}")
+
+    # C++ extension: build once here (first time on a machine ~20-60 s), never inside a timed case.
+    skip: dict[str, str] = {}
+    cpp_so = None
+    if "cpp" in backends:
+        print("cpp backend: building / loading the C++ extension ...", flush=True)
+        ok, msg, cpp_so = build_cpp()
+        print(
+            f"cpp backend: {msg if ok else 'UNAVAILABLE, its cases are reported as skipped: ' + msg}",
+            flush=True,
+        )
+        if not ok:
+            skip["cpp"] = f"cpp backend unavailable: {msg}"
+
+    # Machine limits, measured in this run, under the same thread count: before the cases and
+    # again after them; the best of the two is the limit (a busy machine only lowers a rate).
+    machine: dict = {"matmul_gflops": {}, "loadavg": []}
+    bw_bytes = {"cpu": 256 * 2**20 if args.quick else 512 * 2**20, "cuda": 2 * 2**30}[device]
+    mm_shapes = []
+    if "linear_logprobs" in ops:
+        for dtype in dtypes_of["linear_logprobs"]:
+            for n, h, v in shapes["linear_logprobs"]:
+                vm = min(v, 8192) if device == "cpu" else v  # a few vocab tiles' worth is enough on CPU
+                mm_shapes.append((n, h, v, vm, dtype))
+
+    def measure_limits(when: str) -> None:
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+        machine["loadavg"].append(load)
+        print(f"measuring machine limits ({when}; 1-min load average {load:.2f} on {cpu_count()} cores) ...")
+        bw = measure_membw(device, bw_bytes, reps=5 if device == "cpu" else 20)
+        machine["membw_gbps"] = max(bw, machine.get("membw_gbps", 0.0))
+        print(f"  copy bandwidth ({bw_bytes / 2**20:.0f} MiB fp32 tensor.copy_): {bw:.1f} GB/s", flush=True)
+        for n, h, v, vm, dtype in mm_shapes:
+            rate = measure_matmul(device, n, h, vm, dtype, reps=3 if device == "cpu" else 10)
+            key = (n, h, v, dtype)
+            machine["matmul_gflops"][key] = max(rate, machine["matmul_gflops"].get(key, 0.0))
+            print(f"  torch.mm (N={n} H={h} V={vm}, {dtype}): {rate:.1f} GFLOP/s", flush=True)
+
+    measure_limits("before the cases")
+
+    # Cases. CPU: one subprocess per case (peak RSS is per process). CUDA: one per (op, backend,
+    # dtype), since peak allocated memory can be reset in-process; a crash loses only that group.
+    cases = []
+    for op in ops:
+        for dtype in dtypes_of[op]:
+            for backend in backends:
+                for shape in shapes[op]:
+                    for mode in modes:
+                        cases.append(
+                            dict(
+                                op=op,
+                                backend=backend,
+                                mode=mode,
+                                shape=list(shape),
+                                dtype=dtype,
+                                device=device,
+                                threads=threads,
+                                target_s=timing["target_s"],
+                                min_reps=timing["min_reps"],
+                                max_reps=timing["max_reps"],
+                                paired=not args.no_pairs,
+                                cpp_so=cpp_so if backend == "cpp" else None,
+                            )
+                        )
+    groups: list[list[dict]] = []
+    for case in cases:
+        if (
+            device == "cuda"
+            and groups
+            and all(groups[-1][0][k] == case[k] for k in ("op", "backend", "dtype"))
+        ):
+            groups[-1].append(case)
+        else:
+            groups.append([case])
+    results: list[dict] = []
+
+    def save() -> None:
+        """(Re)write the CSV; called after every subprocess, so a killed run leaves its results."""
+        rows: list[tuple] = [
+            ("machine", "-", "copy", f"bytes={bw_bytes}", "fp32", "membw_gbps", machine["membw_gbps"]),
+            ("machine", "-", "-", "-", "-", "loadavg_1min_max", max(machine["loadavg"])),
+        ]
+        for n, h, v, vm, dtype in mm_shapes:
+            rate = machine["matmul_gflops"][(n, h, v, dtype)]
+            rows.append(("machine", "-", "mm", f"N={n} H={h} V={vm}", dtype, "matmul_gflops", rate))
+        derive(results, machine)
+        write_csv(out, results, rows, device_name, commit)
+
+    print(f"running {len(cases)} cases in {len(groups)} subprocesses; results go to {out}", flush=True)
+    for group in groups:
+        backend = group[0]["backend"]
+        if backend in skip:
+            done = []
+            for c in group:
+                r = {k: c[k] for k in ("op", "backend", "mode", "dtype")}
+                r.update(shape=shape_label(c["op"], tuple(c["shape"])), error=skip[backend][:600])
+                r["note"] = f"{backend} backend unavailable (error printed above)"
+                done.append(r)
+        else:
+            t0 = time.perf_counter()
+            done = run_group(group, timing["timeout_s"] * len(group), threads)
+            wall = time.perf_counter() - t0
+        for r in done:
+            tag = f"  {r['op']:<16} {r['backend']:<7} {r['mode']:<8} {r['shape']:<22} {r['dtype']:<5}"
+            if "error" in r:
+                print(f"{tag} SKIPPED: {r.get('note', r['error'])[:200]}", flush=True)
+                if "stderr_tail" in r and backend not in skip:
+                    print("    " + r["stderr_tail"].replace("\n", "\n    "), flush=True)
+            else:
+                print(
+                    f"{tag} median {r['time_ms_median']:9.1f} ms ({r['reps']} reps)"
+                    f"  peak {r['peak_mem_mb']:8.1f} MB"
+                    + (f"  {r['speedup_vs_eager']:6.2f}x eager" if "speedup_vs_eager" in r else "")
+                    + (f"  [{wall:.0f} s]" if backend not in skip and len(group) == 1 else ""),
+                    flush=True,
+                )
+        results.extend(done)
+        save()
+
+    measure_limits("after the cases")
+    save()
+    print_table(results, machine, device_name, threads)
+    mem_methods = sorted({r["mem_method"] for r in results if "mem_method" in r})
+    for m in mem_methods:
+        print(f"peak memory method: {m}")
+    failed = [r for r in results if "error" in r]
+    if failed:
+        print(f"WARNING: {len(failed)} of {len(results)} cases did not run (see SKIPPED above).")
+    print(f"wrote {out}  ({len(results)} cases, total wall time {time.perf_counter() - t_start:.0f} s)")
+
+    rc = 0
+    if args.write_baseline:
+        dest = Path(args.write_baseline)
+        shutil.copyfile(out, dest)
+        print(
+            f"baseline written: {dest}"
+            + (f"  (WARNING: {len(failed)} cases missing from it)" if failed else "")
+        )
+    if args.gate:
+        sys.path.insert(0, str(HERE))
+        import gate
+
+        gate_args = ["--baseline", args.gate, "--current", str(out)]
+        if args.time_tol is not None:
+            gate_args += ["--time-tol", str(args.time_tol)]
+        print()
+        rc = gate.main(gate_args)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

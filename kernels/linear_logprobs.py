@@ -1,0 +1,837 @@
+"""Triton kernels for `fastalign.ops.linear_logprobs`: per-token log-probs (and entropy) from
+hidden states and the lm_head weight, with the (N, V) logits never written to global memory.
+
+    z    = (hidden @ weight.T + bias) * inv_T       (N, V): one (BLOCK_N, BLOCK_V) tile at a time
+    logp = min(z[label] − lse, 0),   lse = logsumexp(z),   H = −Σ p log p
+    dz   = inv_T · ( g·(1[v = label] − p) − h·p·(log p + H) )      (g, h = 0 on ignored rows)
+    d hidden = dz @ weight,   d weight = dzᵀ @ hidden,   d bias = Σ_rows dz
+
+Forward (`_linear_logprobs_fwd_kernel` + `_linear_logprobs_combine_kernel`): a 1-D grid of
+(row block, vocabulary range) programs. Each program computes its logits tiles with `tl.dot` over
+H in BLOCK_K steps (fp32 accumulator; fp64 for fp64 inputs), adds the bias, scales by inv_T and
+folds the tile into online per-row statistics (running max m, s = Σ e^{z−m},
+t = Σ e^{z−m}(z−m), the label logit), then writes them as partials (4, SPLIT, N). The combine
+kernel merges the SPLIT partials per row (same rescaling rule) into logp, lse, entropy.
+Why split the vocabulary (Hopper): at N = 8k tokens there are only 64 row blocks of 128, half
+the H200's 132 SMs. Splitting V into SPLIT ≥ 16 ranges gives ≥ 4 waves of programs, and ordering
+the programs row-block-major means the ~132 programs resident at once touch only ~132/SPLIT row
+blocks of `hidden` (≈ 8 MiB at H = 4096) — these stay in the 50 MB L2 across all their vocabulary
+tiles — while each weight tile fetched from HBM is shared by the programs of its range: the same
+L2 grouping a good GEMM schedule uses. No gradient work happens in the forward.
+
+Backward: materialising dz in registers and scattering both weight-gradient products with
+atomics (the ml-cross-entropy way, without its gradient filtering) would issue (BLOCK_N+BLOCK_V)·H
+fp32 atomics per tile: N·H·V/BLOCK_V + V·H·N/BLOCK_N adds — ~270 GB of L2 atomics for N = 8k,
+V = 256k, H = 4k against ~53 ms of bf16 tensor-core work, i.e. atomic-bound by several times on
+an H200. Instead the vocabulary is walked in chunks of C columns (C picked so the chunk buffer is
+~128 MiB, 1k-8k columns): `_linear_logprobs_bwd_kernel` recomputes each (BLOCK_N, BLOCK_V) logits
+tile with `tl.dot`, forms dz in registers and stores it once, in the input dtype, into an
+(N, C) buffer (plus exact fp32 column sums for d bias); then `_linear_logprobs_bwd_dh_kernel`
+accumulates d hidden += dz @ weight[chunk] in an fp32 buffer (plain read-modify-write, each
+program owns its output tile: no atomics), and d weight[chunk] = dzᵀ @ hidden is one cuBLAS
+`torch.mm` written straight into the gradient (fp32 accumulation inside). The dz round trip is
+~3·N·V·2 bytes, ~13 GB at the shape above (~3 ms of HBM time against ~53 ms of matmul), every
+matmul runs on tensor cores at GEMM tile sizes, nothing is atomic and the result is
+deterministic. The full logits and the full dz never exist; peak extra memory is one (N, C) dz
+chunk plus the fp32 d hidden buffer. `chunk_size` from the op is honoured as a lower bound on C
+on a GPU (exactly, under the interpreter, so tests can cover several chunks).
+
+Rows whose label is `ignore_index` (prompt / padding tokens) are dropped before any kernel runs
+(index_select of the valid rows; their outputs are exactly 0, lse 0, and their gradients 0), so
+they cost no matmul work. This needs the count of valid rows on the host: one sync per call,
+like the label check the op already does.
+
+Tiles (Hopper): 128×128 tiles (128×256 for the dz kernel) with BLOCK_K = 64, 8 warps (two
+warpgroups issuing wgmma), 3-4 cp.async pipeline stages (4·(128+128)·64·2 B = 128 KiB of shared
+memory for bf16; 3·(128+256)·64·2 B = 144 KiB), plus 64-row tiles for small N. Every bf16/fp16
+config was compiled offline for sm_90 (triton.compile with a GPUTarget, no GPU needed): HGMMA in
+the SASS, 181-255 registers, no spills. Configs whose operand tiles exceed the shared-memory
+budget are pruned per dtype, and 4-/8-byte dtypes (FMA / DMMA dots) keep only the 64×64 tile.
+Autotuned per (V, H, N bucket, dtype): N varies every step, so only its rough size is part of
+the key. bf16 / fp16 operands go to tl.dot as they are, with fp32 accumulation; fp32 operands
+use TF32 only when torch allows it (`torch.backends.cuda.matmul.allow_tf32`), otherwise
+full-precision "ieee" dots; fp64 inputs use fp64 dots and fp64 statistics. All row /
+vocabulary / hidden offsets are int64.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# FASTALIGN_TRITON_AUTOTUNE=0: skip autotuning, use the last (64×64, any-dtype) config of each
+# list. For GPU test suites, where tuning every small test shape would dominate the run time.
+_AUTOTUNE = os.environ.get("FASTALIGN_TRITON_AUTOTUNE", "1") != "0"
+_SMEM_BUDGET = 200 * 1024  # of the 227 KiB a Hopper block may use; the rest for epilogue scratch
+_MIN_SPLIT = 16  # vocabulary ranges in the forward (see the module docstring)
+_DZ_CHUNK_BYTES = 128 * 2**20  # target size of the backward's (N, C) dz chunk
+_MIN_CHUNK, _MAX_CHUNK = 1024, 8192  # clamp on C (GPU), columns
+
+
+def _cfg(bn: int, bv: int, bk: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
+
+
+def _fwd_configs() -> list[triton.Config]:
+    """Forward: logits tiles of (BLOCK_N, BLOCK_V), K loop over H, then the online-statistics
+    epilogue. 128×256 is left out: with the loop-carried row statistics it spills at 255
+    registers (checked in the sm_90 cubin); 128×128 with 8 warps fits in 255 without spills."""
+    if _INTERPRET:
+        return [_cfg(16, 32, 16, 1, 1)]
+    configs = [
+        _cfg(128, 128, 64, 8, 4),
+        _cfg(128, 128, 64, 8, 3),
+        _cfg(64, 128, 64, 4, 4),
+        _cfg(64, 64, 32, 4, 3),  # small N; the only one kept for fp32 / fp64 operands
+    ]
+    return configs if _AUTOTUNE else configs[-1:]
+
+
+def _dz_configs() -> list[triton.Config]:
+    """Backward dz tiles: no loop-carried statistics, so 128×256 fits (255 registers, no spill)."""
+    if _INTERPRET:
+        return [_cfg(16, 32, 16, 1, 1)]
+    configs = [
+        _cfg(128, 256, 64, 8, 3),
+        _cfg(128, 128, 64, 8, 4),
+        _cfg(64, 128, 64, 4, 4),
+        _cfg(64, 64, 32, 4, 3),
+    ]
+    return configs if _AUTOTUNE else configs[-1:]
+
+
+def _dh_configs() -> list[triton.Config]:
+    """d hidden GEMM: output tiles of (BLOCK_N, BLOCK_V = hidden columns), K loop over the chunk.
+    128×256 is left out: the fp32 running-sum tile makes it spill (64 B of stack on sm_90)."""
+    if _INTERPRET:
+        return [_cfg(16, 32, 16, 1, 1)]
+    configs = [
+        _cfg(128, 128, 64, 8, 4),
+        _cfg(128, 128, 64, 8, 3),
+        _cfg(64, 128, 64, 4, 4),
+        _cfg(64, 64, 32, 4, 3),
+    ]
+    return configs if _AUTOTUNE else configs[-1:]
+
+
+# Vocabulary ranges of the forward split are multiples of this (every BLOCK_V divides it).
+_V_GRANULE = 32 if _INTERPRET else 256
+
+
+def _prune(configs, named_args, **kwargs):
+    """Keep the configs whose pipelined operand tiles fit in shared memory for this dtype. fp32
+    ("ieee") and fp64 dots run on FMA / DMMA with operands in registers: only the 64×64 tile
+    stays free of spills there, so 4- and 8-byte dtypes get only that one."""
+    x = named_args.get("h_ptr", named_args.get("dz_ptr"))
+    size = x.element_size() if isinstance(x, torch.Tensor) else 2
+    fits = [
+        c
+        for c in configs
+        if c.num_stages * (c.kwargs["BLOCK_N"] + c.kwargs["BLOCK_V"]) * c.kwargs["BLOCK_K"] * size
+        <= _SMEM_BUDGET
+        and (size <= 2 or c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_V"] <= 64 * 64)
+    ]
+    return fits or [min(configs, key=lambda c: c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_V"])]
+
+
+_PRUNE = {"early_config_prune": _prune}
+_EVEN_K = {"EVEN_K": lambda args: args["H"] % args["BLOCK_K"] == 0}
+
+
+@triton.jit
+def _scale(x, inv_t_hi, inv_t_lo, F64: tl.constexpr):
+    """x * inv_T; for fp64 the fp32 pair (hi, lo) restores the factor to ~2^-48."""
+    if F64:
+        return x * (tl.cast(inv_t_hi, tl.float64) + tl.cast(inv_t_lo, tl.float64))
+    else:
+        return x * inv_t_hi
+
+
+@triton.jit
+def _logits_tile(
+    h_ptr,
+    w_ptr,
+    b_ptr,
+    rows,  # (BLOCK_N,) int32 row ids, already wrapped into [0, N)
+    cols,  # (BLOCK_V,) int32 vocabulary ids, already wrapped into [0, V)
+    H,
+    stride_hn,
+    stride_wv,
+    inv_t_hi,
+    inv_t_lo,
+    HAS_BIAS: tl.constexpr,
+    F64: tl.constexpr,
+    ACC: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    DOT_UPCAST: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """(hidden[rows] @ weight[cols].T + bias[cols]) * inv_T as a (BLOCK_N, BLOCK_V) ACC tile."""
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = h_ptr + rows.to(tl.int64)[:, None] * stride_hn + offs_k[None, :]  # (BLOCK_N, BLOCK_K)
+    b_ptrs = w_ptr + cols.to(tl.int64)[None, :] * stride_wv + offs_k[:, None]  # (BLOCK_K, BLOCK_V)
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=ACC)
+    for k0 in range(0, H, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            k_ok = offs_k < H - k0
+            a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
+        if DOT_UPCAST:  # interpreter only: its bf16 tl.dot is wrong
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PREC, out_dtype=ACC)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols).to(ACC)[None, :]
+    return _scale(acc, inv_t_hi, inv_t_lo, F64)
+
+
+@triton.autotune(configs=_fwd_configs(), key=["V", "H", "N_BUCKET"], prune_configs_by=_PRUNE)
+@triton.heuristics(_EVEN_K)
+@triton.jit
+def _linear_logprobs_fwd_kernel(
+    h_ptr,  # (N, H), unit column stride
+    w_ptr,  # (V, H), unit column stride
+    b_ptr,  # (V,) or a dummy
+    lab_ptr,  # (N,) int64
+    part_ptr,  # (4, SPLIT, N) ACC out: m, s, label logit, t
+    N,
+    V,
+    H,
+    V_RANGE,  # vocabulary columns per split, a multiple of BLOCK_V
+    SPLIT,
+    stride_hn,
+    stride_wv,
+    inv_t_hi,
+    inv_t_lo,
+    ignore_index,
+    N_BUCKET,  # autotune key only
+    HAS_BIAS: tl.constexpr,
+    WITH_ENTROPY: tl.constexpr,
+    F64: tl.constexpr,
+    ACC: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    DOT_UPCAST: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pid_n = pid // SPLIT  # row-block-major: resident programs share few row blocks (L2)
+    pid_s = pid % SPLIT
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    labels = tl.load(lab_ptr + rows, mask=row_ok, other=ignore_index)
+    rows_ld = rows % N  # tail rows re-read valid rows; their stats are never stored
+    v_lo = pid_s * V_RANGE
+    v_hi = tl.minimum(v_lo + V_RANGE, V)
+    offs_v = tl.arange(0, BLOCK_V)
+
+    m = tl.full((BLOCK_N,), float("-inf"), ACC)
+    s = tl.zeros((BLOCK_N,), ACC)
+    t = tl.zeros((BLOCK_N,), ACC)
+    z_lab = tl.zeros((BLOCK_N,), ACC)
+    for v0 in range(v_lo, v_hi, BLOCK_V):
+        cols = v0 + offs_v
+        col_ok = cols < v_hi
+        z = _logits_tile(
+            h_ptr,
+            w_ptr,
+            b_ptr,
+            rows_ld,
+            cols % V,
+            H,
+            stride_hn,
+            stride_wv,
+            inv_t_hi,
+            inv_t_lo,
+            HAS_BIAS,
+            F64,
+            ACC,
+            DOT_PREC,
+            DOT_UPCAST,
+            EVEN_K,
+            BLOCK_N,
+            BLOCK_V,
+            BLOCK_K,
+        )
+        z = tl.where(col_ok[None, :], z, float("-inf"))
+        m_new = tl.maximum(m, tl.max(z, 1))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # no -inf - -inf
+        alpha = tl.exp(m - m_ref)
+        d = z - m_ref[:, None]
+        e = tl.exp(d)
+        if WITH_ENTROPY:
+            shift = (tl.where(s > 0.0, m, m_ref) - m_ref) * s
+            t = alpha * (t + shift) + tl.sum(e * tl.where(e > 0.0, d, 0.0), 1)
+        s = s * alpha + tl.sum(e, 1)
+        m = m_new
+        z_lab += tl.sum(tl.where(cols[None, :] == labels[:, None], z, 0.0), 1)
+
+    out = part_ptr + pid_s.to(tl.int64) * N + rows
+    stat = tl.cast(SPLIT, tl.int64) * N
+    tl.store(out, m, mask=row_ok)
+    tl.store(out + stat, s, mask=row_ok)
+    tl.store(out + 2 * stat, z_lab, mask=row_ok)
+    if WITH_ENTROPY:
+        tl.store(out + 3 * stat, t, mask=row_ok)
+
+
+@triton.jit
+def _linear_logprobs_combine_kernel(
+    part_ptr,  # (4, SPLIT, N) ACC
+    lab_ptr,
+    logp_ptr,
+    lse_ptr,
+    ent_ptr,
+    N,
+    SPLIT,
+    ignore_index,
+    WITH_ENTROPY: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Merge the SPLIT partial (m, s, t, label logit) of each row: M = max m_j,
+    S = Σ e^{m_j−M} s_j, T = Σ e^{m_j−M} (t_j + (m_j−M) s_j)."""
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = rows < N
+    stat = tl.cast(SPLIT, tl.int64) * N
+    big_m = tl.full((BLOCK,), float("-inf"), ACC)
+    big_s = tl.zeros((BLOCK,), ACC)
+    big_t = tl.zeros((BLOCK,), ACC)
+    z_lab = tl.zeros((BLOCK,), ACC)
+    for j in range(0, SPLIT):
+        p = part_ptr + tl.cast(j, tl.int64) * N + rows
+        mj = tl.load(p, mask=ok, other=float("-inf"))
+        sj = tl.load(p + stat, mask=ok, other=0.0)
+        z_lab += tl.load(p + 2 * stat, mask=ok, other=0.0)
+        m_new = tl.maximum(big_m, mj)
+        ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        a = tl.exp(big_m - ref)
+        b = tl.exp(mj - ref)
+        if WITH_ENTROPY:
+            tj = tl.load(p + 3 * stat, mask=ok, other=0.0)
+            ta = (tl.where(big_s > 0.0, big_m, ref) - ref) * big_s
+            tb = (tl.where(sj > 0.0, mj, ref) - ref) * sj
+            big_t = a * (big_t + ta) + b * (tj + tb)
+        big_s = a * big_s + b * sj
+        big_m = m_new
+    labels = tl.load(lab_ptr + rows, mask=ok, other=ignore_index)
+    valid = labels != ignore_index
+    big_s = tl.where(valid, big_s, 1.0)
+    log_s = tl.log(big_s)
+    lse = big_m + log_s
+    tl.store(logp_ptr + rows, tl.where(valid, tl.minimum(z_lab - lse, 0.0), 0.0), mask=ok)
+    tl.store(lse_ptr + rows, tl.where(valid, lse, 0.0), mask=ok)
+    if WITH_ENTROPY:
+        ent = tl.maximum(log_s - big_t / big_s, 0.0)
+        tl.store(ent_ptr + rows, tl.where(valid, ent, 0.0), mask=ok)
+
+
+@triton.autotune(configs=_dz_configs(), key=["V", "H", "N_BUCKET"], prune_configs_by=_PRUNE)
+@triton.heuristics(_EVEN_K)
+@triton.jit
+def _linear_logprobs_bwd_kernel(
+    h_ptr,  # (N, H)
+    w_ptr,  # (V, H)
+    b_ptr,  # (V,) or a dummy
+    lab_ptr,  # (N,) int64
+    lse_ptr,  # (N,) ACC
+    ent_ptr,  # (N,) ACC, used if WITH_ENTROPY
+    glogp_ptr,  # (N,)
+    gent_ptr,  # (N,), used if WITH_ENTROPY
+    dz_ptr,  # (N, C) out, input dtype: dL/dlogits for vocabulary columns [c0, c0 + C)
+    dbp_ptr,  # (cdiv(N, BLOCK_N), ≥ C) ACC out: per-row-block column sums of dz (d bias)
+    N,
+    V,
+    H,
+    c0,
+    C,
+    stride_hn,
+    stride_wv,
+    stride_dz,
+    stride_dbp,
+    inv_t_hi,
+    inv_t_lo,
+    ignore_index,
+    N_BUCKET,  # autotune key only
+    HAS_BIAS: tl.constexpr,
+    WITH_ENTROPY: tl.constexpr,
+    NEED_DBIAS: tl.constexpr,
+    F64: tl.constexpr,
+    ACC: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    DOT_UPCAST: tl.constexpr,
+    GROUP_N: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr,
+):
+    # Grouped order: GROUP_N row blocks sweep the chunk together, so resident programs share
+    # a few row blocks of hidden and each weight tile in L2.
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(N, BLOCK_N)
+    num_v = tl.cdiv(C, BLOCK_V)
+    per_group = GROUP_N * num_v
+    first_n = (pid // per_group) * GROUP_N
+    group = tl.minimum(num_n - first_n, GROUP_N)
+    pid_n = first_n + (pid % per_group) % group
+    pid_v = (pid % per_group) // group
+
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    local = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)  # column inside the chunk
+    cols = c0 + local
+    row_ok = rows < N
+    col_ok = local < C
+    z = _logits_tile(
+        h_ptr,
+        w_ptr,
+        b_ptr,
+        rows % N,
+        cols % V,
+        H,
+        stride_hn,
+        stride_wv,
+        inv_t_hi,
+        inv_t_lo,
+        HAS_BIAS,
+        F64,
+        ACC,
+        DOT_PREC,
+        DOT_UPCAST,
+        EVEN_K,
+        BLOCK_N,
+        BLOCK_V,
+        BLOCK_K,
+    )
+
+    labels = tl.load(lab_ptr + rows, mask=row_ok, other=ignore_index)
+    valid = (labels != ignore_index) & row_ok
+    g = tl.where(valid, tl.load(glogp_ptr + rows, mask=row_ok, other=0.0).to(ACC), 0.0)
+    lse = tl.load(lse_ptr + rows, mask=valid, other=float("inf")).to(ACC)  # p = 0 off rows
+    logp = z - lse[:, None]
+    p = tl.exp(logp)
+    dz = -g[:, None] * p
+    if WITH_ENTROPY:
+        gh = tl.where(valid, tl.load(gent_ptr + rows, mask=row_ok, other=0.0).to(ACC), 0.0)
+        ent = tl.load(ent_ptr + rows, mask=row_ok, other=0.0).to(ACC)
+        dz -= gh[:, None] * p * tl.where(p > 0.0, logp + ent[:, None], 0.0)
+    dz = tl.where(cols[None, :] == labels[:, None], dz + g[:, None], dz)
+    dz = _scale(dz, inv_t_hi, inv_t_lo, F64)
+    dz = tl.where(valid[:, None] & col_ok[None, :], dz, 0.0)
+
+    dz_ptrs = dz_ptr + rows.to(tl.int64)[:, None] * stride_dz + local[None, :]
+    tl.store(dz_ptrs, dz.to(dz_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+    if NEED_DBIAS:
+        tl.store(dbp_ptr + pid_n.to(tl.int64) * stride_dbp + local, tl.sum(dz, 0), mask=col_ok)
+
+
+@triton.autotune(
+    configs=_dh_configs(), key=["C", "H", "N_BUCKET"], prune_configs_by=_PRUNE, restore_value=["dh_ptr"]
+)
+@triton.jit
+def _linear_logprobs_bwd_dh_kernel(
+    dz_ptr,  # (N, C) input dtype, row stride stride_dz
+    w_ptr,  # (V, H); rows c0 .. c0 + C are used
+    dh_ptr,  # (N, H) ACC, accumulated in place
+    N,
+    H,
+    C,
+    c0,
+    stride_dz,
+    stride_wv,
+    stride_dh,
+    N_BUCKET,  # autotune key only
+    ACC: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    DOT_UPCAST: tl.constexpr,
+    GROUP_N: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,  # hidden columns per output tile
+    BLOCK_K: tl.constexpr,  # chunk columns per step
+):
+    """d_hidden[:, :] += dz @ weight[c0 : c0 + C]: a plain tiled GEMM; each program owns its
+    (BLOCK_N, BLOCK_V) output tile, so the fp32 read-modify-write needs no atomics."""
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(N, BLOCK_N)
+    num_h = tl.cdiv(H, BLOCK_V)
+    per_group = GROUP_N * num_h
+    first_n = (pid // per_group) * GROUP_N
+    group = tl.minimum(num_n - first_n, GROUP_N)
+    pid_n = first_n + (pid % per_group) % group
+    pid_h = (pid % per_group) // group
+
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    hcols = pid_h * BLOCK_V + tl.arange(0, BLOCK_V)
+    offs_k = tl.arange(0, BLOCK_K)
+    out_mask = (rows < N)[:, None] & (hcols < H)[None, :]
+    # Start from the running sum: only one (BLOCK_N, BLOCK_V) tile is ever live in registers.
+    acc = tl.load(dh_ptr + rows.to(tl.int64)[:, None] * stride_dh + hcols[None, :], mask=out_mask, other=0.0)
+    a_ptrs = dz_ptr + (rows % N).to(tl.int64)[:, None] * stride_dz + offs_k[None, :]
+    b_ptrs = w_ptr + (c0 + offs_k).to(tl.int64)[:, None] * stride_wv + (hcols % H)[None, :]
+    for k0 in range(0, C, BLOCK_K):
+        k_ok = offs_k < C - k0
+        a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
+        if DOT_UPCAST:  # interpreter only: its bf16 tl.dot is wrong
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PREC, out_dtype=ACC)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K * tl.cast(stride_wv, tl.int64)
+    tl.store(dh_ptr + rows.to(tl.int64)[:, None] * stride_dh + hcols[None, :], acc, mask=out_mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# launchers (same signatures as linear_logprobs_forward_torch / linear_logprobs_backward_torch)
+# ---------------------------------------------------------------------------------------------
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _split_scalar(x: float) -> tuple[float, float]:
+    """x = hi + lo with hi, lo exactly representable in fp32 (fp32 kernel args)."""
+    hi = float(torch.tensor(x, dtype=torch.float32))
+    lo = float(torch.tensor(x - hi, dtype=torch.float32))
+    return hi, lo
+
+
+def _acc(dtype: torch.dtype) -> tuple[torch.dtype, bool, tl.dtype]:
+    if dtype == torch.float64:
+        return torch.float64, True, tl.float64
+    return torch.float32, False, tl.float32
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    """TF32 for fp32 operands only where torch itself would use it; ignored for 16-bit dtypes."""
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def _dot_upcast(dtype: torch.dtype) -> bool:
+    """Interpreter only: its bf16 tl.dot gives wrong results, so bf16 tiles are upcast to fp32
+    before the dot (loads, stores and all other math keep the real dtypes). Never on a GPU."""
+    return _INTERPRET and dtype == torch.bfloat16
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1
+
+
+def _n_bucket(n: int) -> int:
+    """Coarse N for the autotune key (N changes every step; a re-tune per N would be costly)."""
+    return 0 if n <= 256 else (1 if n <= 2048 else 2)
+
+
+def _check(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    if hidden.dtype not in _DTYPES:
+        raise TypeError(f"linear_logprobs (triton): unsupported dtype {hidden.dtype}")
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError("linear_logprobs (triton): hidden must be (N, H) and weight (V, H)")
+    if hidden.stride(1) != 1 or weight.stride(1) != 1:
+        raise ValueError("linear_logprobs (triton): hidden and weight need unit column stride")
+    if weight.dtype != hidden.dtype or (bias is not None and bias.dtype != hidden.dtype):
+        raise TypeError("linear_logprobs (triton): hidden, weight and bias must share a dtype")
+
+
+def _valid_rows(labels: torch.Tensor, ignore_index: int) -> torch.Tensor | None:
+    """Indices of the rows to compute, or None when all are (no copy). One host sync."""
+    idx = (labels != ignore_index).nonzero().squeeze(1)
+    return None if idx.numel() == labels.numel() else idx
+
+
+def linear_logprobs_forward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    ignore_index: int,
+    inv_temperature: float,
+    with_entropy: bool,
+    chunk_size: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """hidden (N, H), weight (V, H), bias (V,) | None, labels (N,) int64 -> logp, lse,
+    entropy-or-None, each (N,) fp32 (fp64 for fp64 inputs); lse is 0 on ignored rows.
+    `chunk_size` is not used: the forward picks its own tiles (autotuned) and splits."""
+    del chunk_size
+    _check(hidden, weight, bias)
+    n = hidden.shape[0]
+    acc, _, _ = _acc(hidden.dtype)
+    dev = hidden.device
+    labels = labels.contiguous()
+    idx = _valid_rows(labels, ignore_index) if n else None
+    if idx is not None:
+        logp = torch.zeros(n, dtype=acc, device=dev)
+        lse = torch.zeros(n, dtype=acc, device=dev)
+        entropy = torch.zeros(n, dtype=acc, device=dev) if with_entropy else None
+        if idx.numel():
+            out = _forward(
+                hidden.index_select(0, idx),
+                weight,
+                bias,
+                labels[idx],
+                ignore_index,
+                inv_temperature,
+                with_entropy,
+            )
+            for full, part in zip((logp, lse, entropy), out, strict=True):
+                if full is not None:
+                    full[idx] = part
+        return logp, lse, entropy
+    return _forward(hidden, weight, bias, labels, ignore_index, inv_temperature, with_entropy)
+
+
+def _forward(hidden, weight, bias, labels, ignore_index, inv_temperature, with_entropy):
+    n, h = hidden.shape
+    v = weight.shape[0]
+    acc, f64, tl_acc = _acc(hidden.dtype)
+    dev = hidden.device
+    logp = torch.empty(n, dtype=acc, device=dev)
+    lse = torch.empty(n, dtype=acc, device=dev)
+    entropy = torch.empty(n, dtype=acc, device=dev) if with_entropy else None
+    if n == 0:
+        return logp, lse, entropy
+    # Vocabulary split: ≥ _MIN_SPLIT ranges, and ≥ ~4 programs per SM at BLOCK_N = 128.
+    split = max(_MIN_SPLIT, triton.cdiv(4 * _num_sms(dev), triton.cdiv(n, 128)))
+    v_range = triton.cdiv(triton.cdiv(v, split), _V_GRANULE) * _V_GRANULE
+    split = triton.cdiv(v, v_range)
+    part = torch.empty((4, split, n), dtype=acc, device=dev)
+    hi, lo = _split_scalar(inv_temperature)
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * split,)
+    _linear_logprobs_fwd_kernel[grid](
+        hidden,
+        weight,
+        bias if bias is not None else weight,
+        labels,
+        part,
+        n,
+        v,
+        h,
+        v_range,
+        split,
+        hidden.stride(0),
+        weight.stride(0),
+        hi,
+        lo,
+        int(ignore_index),
+        _n_bucket(n),
+        HAS_BIAS=bias is not None,
+        WITH_ENTROPY=bool(with_entropy),
+        F64=f64,
+        ACC=tl_acc,
+        DOT_PREC=_dot_precision(hidden.dtype),
+        DOT_UPCAST=_dot_upcast(hidden.dtype),
+    )
+    block = 64 if _INTERPRET else 256
+    _linear_logprobs_combine_kernel[(triton.cdiv(n, block),)](
+        part,
+        labels,
+        logp,
+        lse,
+        entropy if entropy is not None else lse,
+        n,
+        split,
+        int(ignore_index),
+        WITH_ENTROPY=bool(with_entropy),
+        ACC=tl_acc,
+        BLOCK=block,
+        num_warps=1 if _INTERPRET else 4,
+    )
+    return logp, lse, entropy
+
+
+def _chunk_columns(n: int, v: int, itemsize: int, chunk_size: int) -> int:
+    """Vocabulary columns per backward chunk. GPU: the larger of `chunk_size` and a ~128 MiB
+    dz buffer (clamped to 1k-8k columns, a multiple of 256), so each GEMM stays large.
+    Interpreter: `chunk_size` as given, so tests can cover several chunks."""
+    if _INTERPRET:
+        return max(1, min(int(chunk_size), v))
+    target = _DZ_CHUNK_BYTES // max(1, n * itemsize)
+    target = min(_MAX_CHUNK, max(_MIN_CHUNK, target))
+    c = max(int(chunk_size), target)
+    c = triton.cdiv(c, 256) * 256
+    return min(c, v)
+
+
+def linear_logprobs_backward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    entropy: torch.Tensor | None,
+    grad_logp: torch.Tensor,
+    grad_entropy: torch.Tensor | None,
+    ignore_index: int,
+    inv_temperature: float,
+    chunk_size: int,
+    need_hidden: bool,
+    need_weight: bool,
+    need_bias: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """-> (d_hidden (N, H) | None, d_weight (V, H) | None, d_bias (V,) | None), input dtypes."""
+    _check(hidden, weight, bias)
+    need_bias = bool(need_bias and bias is not None)
+    with_entropy = grad_entropy is not None
+    if with_entropy and entropy is None:
+        raise ValueError("linear_logprobs (triton): grad_entropy given without the saved entropy")
+    n = hidden.shape[0]
+    labels = labels.contiguous()
+    idx = _valid_rows(labels, ignore_index) if n else None
+    if idx is None:
+        return _backward(
+            hidden,
+            weight,
+            bias,
+            labels,
+            lse,
+            entropy,
+            grad_logp,
+            grad_entropy,
+            ignore_index,
+            inv_temperature,
+            chunk_size,
+            need_hidden,
+            need_weight,
+            need_bias,
+        )
+    pick = lambda x: x.index_select(0, idx) if x is not None else None
+    d_h, d_w, d_b = _backward(
+        pick(hidden),
+        weight,
+        bias,
+        labels[idx],
+        pick(lse),
+        pick(entropy),
+        pick(grad_logp),
+        pick(grad_entropy),
+        ignore_index,
+        inv_temperature,
+        chunk_size,
+        need_hidden,
+        need_weight,
+        need_bias,
+    )
+    if d_h is not None:
+        full = torch.zeros_like(hidden)
+        full[idx] = d_h
+        d_h = full
+    return d_h, d_w, d_b
+
+
+def _backward(
+    hidden,
+    weight,
+    bias,
+    labels,
+    lse,
+    entropy,
+    grad_logp,
+    grad_entropy,
+    ignore_index,
+    inv_temperature,
+    chunk_size,
+    need_hidden,
+    need_weight,
+    need_bias,
+):
+    n, h = hidden.shape
+    v = weight.shape[0]
+    acc, f64, tl_acc = _acc(hidden.dtype)
+    dev = hidden.device
+    d_weight = (torch.zeros_like(weight) if n == 0 else torch.empty_like(weight)) if need_weight else None
+    d_bias = torch.zeros_like(bias) if need_bias else None
+    if n == 0 or not (need_hidden or need_weight or need_bias):
+        return (torch.zeros_like(hidden) if need_hidden else None), d_weight, d_bias
+    with_entropy = grad_entropy is not None
+    dh_acc = torch.zeros((n, h), dtype=acc, device=dev) if need_hidden else None
+    c = _chunk_columns(n, v, hidden.element_size(), chunk_size)
+    dz = torch.empty((n, c), dtype=hidden.dtype, device=dev)
+    max_row_blocks = triton.cdiv(n, min(cfg.kwargs["BLOCK_N"] for cfg in _dz_configs()))
+    dbp = torch.empty((max_row_blocks, c), dtype=acc, device=dev) if need_bias else lse
+    hi, lo = _split_scalar(inv_temperature)
+    prec = _dot_precision(hidden.dtype)
+    upcast = _dot_upcast(hidden.dtype)
+    lse = lse.contiguous()
+    grad_logp = grad_logp.contiguous()
+    ent_arg = entropy.contiguous() if with_entropy else lse
+    gent_arg = grad_entropy.contiguous() if with_entropy else grad_logp
+    group = 1 if _INTERPRET else 8
+    for c0 in range(0, v, c):
+        cw = min(c, v - c0)
+        grid = lambda meta, cw=cw: (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(cw, meta["BLOCK_V"]),)
+        _linear_logprobs_bwd_kernel[grid](
+            hidden,
+            weight,
+            bias if bias is not None else weight,
+            labels,
+            lse,
+            ent_arg,
+            grad_logp,
+            gent_arg,
+            dz,
+            dbp,
+            n,
+            v,
+            h,
+            c0,
+            cw,
+            hidden.stride(0),
+            weight.stride(0),
+            dz.stride(0),
+            dbp.stride(0),
+            hi,
+            lo,
+            int(ignore_index),
+            _n_bucket(n),
+            HAS_BIAS=bias is not None,
+            WITH_ENTROPY=with_entropy,
+            NEED_DBIAS=need_bias,
+            F64=f64,
+            ACC=tl_acc,
+            DOT_PREC=prec,
+            DOT_UPCAST=upcast,
+            GROUP_N=group,
+        )
+        dz_c = dz[:, :cw] if cw != c else dz
+        if need_bias:
+            block_n = _linear_logprobs_bwd_kernel.best_config.kwargs["BLOCK_N"]
+            d_bias[c0 : c0 + cw] = dbp[: triton.cdiv(n, block_n), :cw].sum(0)
+        if need_weight:
+            torch.mm(dz_c.t(), hidden, out=d_weight[c0 : c0 + cw])
+        if need_hidden:
+            grid_h = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(h, meta["BLOCK_V"]),)
+            _linear_logprobs_bwd_dh_kernel[grid_h](
+                dz_c,
+                weight,
+                dh_acc,
+                n,
+                h,
+                cw,
+                c0,
+                dz.stride(0),
+                weight.stride(0),
+                dh_acc.stride(0),
+                _n_bucket(n),
+                ACC=tl_acc,
+                DOT_PREC=prec,
+                DOT_UPCAST=upcast,
+                GROUP_N=group,
+            )
+    d_hidden = dh_acc.to(hidden.dtype) if need_hidden else None
+    return d_hidden, d_weight, d_bias
