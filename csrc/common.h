@@ -329,10 +329,15 @@ inline void block_exp_sums(const T* x, int64_t n, typename V::acc scale, typenam
 template <class V, bool ENT, class T>
 inline void row_update(const T* x, int64_t n, typename V::acc scale, RowStats& st) {
   using A = typename V::acc;
+  if (st.s != st.s) return;  // already NaN
   for (int64_t b0 = 0; b0 < n; b0 += kBlock) {
     const int64_t len = std::min(kBlock, n - b0);
     // The reference m only needs to be within rounding of the true max (scale > 0).
     const A bm = block_max<V>(x + b0, len) * scale;
+    if (bm != bm) {  // a NaN logit poisons the row, as in eager
+      st.m = st.s = st.t = std::numeric_limits<double>::quiet_NaN();
+      return;
+    }
     if (static_cast<double>(bm) > st.m) st.rebase(bm);
     if (st.m == -std::numeric_limits<double>::infinity()) continue;  // only -inf so far
     block_exp_sums<V, ENT>(x + b0, len, scale, static_cast<A>(st.m), st.s, st.t);

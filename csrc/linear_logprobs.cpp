@@ -186,37 +186,55 @@ std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<a
     advise_huge_pages(*d_weight);
   }
   if (need_bias) d_bias = at::empty_like(*bias, at::MemoryFormat::Contiguous);
-  at::Tensor dh_acc;  // fp32 (fp64) accumulator of dz @ W[tile] over tiles
-  if (need_hidden) dh_acc = at::empty({n, hdim}, hidden.options().dtype(acc));
-  if (n == 0 || !(need_hidden || need_weight || need_bias)) {
-    if (need_hidden) d_hidden = dh_acc.zero_().to(in_dt);
+
+  // Ignored rows have zero gradient: drop them before the GEMMs (prompt tokens are often half
+  // of the batch), and scatter d_hidden back at the end.
+  const at::Tensor valid = labels != ignore_index;
+  const int64_t n_valid = n == 0 ? 0 : valid.sum().item<int64_t>();
+  if (n_valid == 0 || !(need_hidden || need_weight || need_bias)) {
+    if (need_hidden) d_hidden = at::zeros_like(hidden, at::MemoryFormat::Contiguous);
     if (need_weight) d_weight->zero_();
     if (need_bias) d_bias->zero_();
     return {d_hidden, d_weight, d_bias};
   }
 
   // Per-row coefficients (see common.h): a = -inv_T (g + h H), b = -inv_T h, g_lab = inv_T g.
-  const at::Tensor lse_c = row_vector(lse, n, acc, "lse");
-  const at::Tensor valid = labels != ignore_index;
   const double s = inv_temperature;
-  at::Tensor g = row_vector(grad_logp, n, acc, "grad_logp").mul(valid);
+  at::Tensor lse_c = row_vector(lse, n, acc, "lse");
+  at::Tensor g = row_vector(grad_logp, n, acc, "grad_logp");
   at::Tensor a, b;
   if (ent) {
-    at::Tensor h = row_vector(*grad_entropy, n, acc, "grad_entropy").mul(valid);
-    a = (g + h * row_vector(*entropy, n, acc, "entropy")).mul_(-s).contiguous();
-    b = h.mul(-s).contiguous();
+    const at::Tensor h = row_vector(*grad_entropy, n, acc, "grad_entropy");
+    a = (g + h * row_vector(*entropy, n, acc, "entropy")).mul_(-s);
+    b = h.mul(-s);
   } else {
-    a = g.mul(-s).contiguous();
+    a = g.mul(-s);
     b = at::zeros({n}, g.options());
   }
-  const at::Tensor g_lab = g.mul(s).contiguous();
-  const int64_t* lab = labels.data_ptr<int64_t>();
+  at::Tensor g_lab = g.mul(s);
+  at::Tensor hid = hidden, labs = labels, rows;
+  if (n_valid < n) {
+    rows = valid.nonzero().squeeze(1);
+    hid = hidden.index_select(0, rows);
+    labs = labels.index_select(0, rows);
+    lse_c = lse_c.index_select(0, rows);
+    a = a.index_select(0, rows);
+    b = b.index_select(0, rows);
+    g_lab = g_lab.index_select(0, rows);
+  }
+  a = a.contiguous();
+  b = b.contiguous();
+  g_lab = g_lab.contiguous();
+  lse_c = lse_c.contiguous();
+  const int64_t* lab = labs.data_ptr<int64_t>();
+  at::Tensor dh_acc;  // fp32 (fp64) accumulator of dz @ W[tile] over tiles, valid rows only
+  if (need_hidden) dh_acc = at::empty({n_valid, hdim}, hidden.options().dtype(acc));
 
-  TileWalker walk(hidden, weight, bias, chunk_size);
+  TileWalker walk(hid, weight, bias, chunk_size);
   const auto td = walk.buf.scalar_type();
   // Products in the tile dtype that cannot be written straight into their destination.
   at::Tensor dh_part, dw_part;
-  if (need_hidden && td != acc) dh_part = at::empty({n, hdim}, hidden.options().dtype(td));
+  if (need_hidden && td != acc) dh_part = at::empty({n_valid, hdim}, hidden.options().dtype(td));
   if (need_weight && td != in_dt) dw_part = at::empty({walk.chunk * hdim}, hidden.options().dtype(td));
 
   bool first = true;
@@ -267,7 +285,10 @@ std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<a
     }
     first = false;
   }
-  if (need_hidden) d_hidden = dh_acc.scalar_type() == in_dt ? dh_acc : dh_acc.to(in_dt);
+  if (need_hidden) {
+    at::Tensor dh = dh_acc.scalar_type() == in_dt ? dh_acc : dh_acc.to(in_dt);
+    d_hidden = rows.defined() ? at::zeros_like(hidden, at::MemoryFormat::Contiguous).index_copy_(0, rows, dh) : dh;
+  }
   return {d_hidden, d_weight, d_bias};
 }
 
