@@ -78,7 +78,7 @@ cat "$OUT/env.txt"
 
 # 1. correctness of the compiled Triton kernels (tests marked `gpu`). Exit 5 = none collected.
 set +e
-timeout "$TEST_TIMEOUT" "$PY" -m pytest tests -m gpu -q 2>&1 | tee "$OUT/pytest_gpu.log"
+FASTALIGN_TRITON_AUTOTUNE=0 timeout "$TEST_TIMEOUT" "$PY" -m pytest tests -m gpu -q -p no:cacheprovider 2>&1 | tee "$OUT/pytest_gpu.log"
 rc=${PIPESTATUS[0]}
 set -e
 record pytest_gpu "$rc"

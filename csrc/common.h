@@ -1,6 +1,6 @@
-// Shared pieces of the fastalign CPU kernels: a small SIMD layer (AVX-512, or a portable
-// fixed-width fallback the compiler auto-vectorises), a fast exp, and the per-row primitives
-// that token_logprobs.cpp and linear_logprobs.cpp both run.
+// Shared pieces of the fastalign CPU kernels: a small SIMD layer (AVX-512, AVX2 + FMA, or a
+// portable fallback), a fast exp, and the per-row primitives that token_logprobs.cpp and
+// linear_logprobs.cpp both run.
 //
 //   z = x * inv_T.  Online over a row:  m = max z,  s = sum e^{z-m},  t = sum e^{z-m} (z-m)
 //   lse = m + log s,      H = -sum p log p = log s - t / s,      p_v = e^{z_v - lse}
@@ -25,11 +25,8 @@
 #include <tuple>
 #include <type_traits>
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
-#endif
-#if defined(__linux__)
-#include <sys/mman.h>
 #endif
 
 namespace fastalign {
@@ -39,8 +36,8 @@ namespace fastalign {
 constexpr int64_t kBlock = 2048;
 
 // ---------------------------------------------------------------------------------------------
-// Scalar fast exp (Cephes expf polynomial, ~1 ulp on the reduced range). Branch-free, so the
-// portable vector fallback below vectorises it; the AVX-512 version is the same algorithm.
+// Scalar fast exp (Cephes expf polynomial, ~1 ulp), for row tails and the portable fallback.
+// The AVX2 / AVX-512 versions below are the same algorithm, so tails and lanes agree.
 // ---------------------------------------------------------------------------------------------
 namespace expc {
 constexpr float kHi = 89.0f;     // e^89 overflows: 2^n scaling below returns inf
@@ -158,8 +155,76 @@ inline Vec16 vexp(Vec16 xv) {
   return _mm512_scalef_ps(y, fx);  // y * 2^fx, exact incl. denormal / overflow ranges
 }
 using VecF = Vec16;
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+struct Vec8 {
+  using acc = float;
+  static constexpr int size = 8;
+  __m256 v;
+  Vec8() = default;
+  Vec8(__m256 x) : v(x) {}
+  static Vec8 set1(float a) { return _mm256_set1_ps(a); }
+  static Vec8 load(const float* p) { return _mm256_loadu_ps(p); }
+  static Vec8 load(const c10::BFloat16* p) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  }
+  static Vec8 load(const c10::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+  void store(float* p) const { _mm256_storeu_ps(p, v); }
+  void store(c10::BFloat16* p) const {
+    const __m256i b = _mm256_castps_si256(v);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(b, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
+    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7fc0), nan);
+    const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
+  }
+  void store(c10::Half* p) const {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+};
+inline Vec8 operator+(Vec8 a, Vec8 b) { return _mm256_add_ps(a.v, b.v); }
+inline Vec8 operator-(Vec8 a, Vec8 b) { return _mm256_sub_ps(a.v, b.v); }
+inline Vec8 operator*(Vec8 a, Vec8 b) { return _mm256_mul_ps(a.v, b.v); }
+inline Vec8 fmadd(Vec8 a, Vec8 b, Vec8 c) { return _mm256_fmadd_ps(a.v, b.v, c.v); }
+inline Vec8 vmax(Vec8 a, Vec8 b) { return _mm256_max_ps(a.v, b.v); }  // NaN in b wins, as Vec16
+inline float hsum(Vec8 a) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a.v), _mm256_extractf128_ps(a.v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+inline float hmax(Vec8 a) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(a.v), _mm256_extractf128_ps(a.v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_max_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+inline Vec8 vexp(Vec8 xv) {
+  using namespace expc;
+  __m256 x = _mm256_min_ps(_mm256_set1_ps(kHi), xv.v);
+  x = _mm256_max_ps(_mm256_set1_ps(kLo), x);
+  const __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(kC1), x);
+  r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(kC2), r);
+  __m256 y = _mm256_fmadd_ps(_mm256_set1_ps(kP0), r, _mm256_set1_ps(kP1));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(kP2));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(kP3));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(kP4));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(kP5));
+  y = _mm256_add_ps(_mm256_fmadd_ps(y, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
+  // 2^n as two normal powers of two, like exp_f32.
+  const __m256i n = _mm256_cvtps_epi32(fx);
+  const __m256i n1 = _mm256_srai_epi32(n, 1), n2 = _mm256_sub_epi32(n, n1);
+  const __m256i bias = _mm256_set1_epi32(127);
+  const __m256 p1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n1, bias), 23));
+  const __m256 p2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n2, bias), 23));
+  return _mm256_mul_ps(_mm256_mul_ps(y, p1), p2);
+}
+using VecF = Vec8;
 #else
-// Portable fallback: fixed-width arrays with element loops that -O3 turns into SIMD code.
+// Portable fallback (no AVX2 / AVX-512): fixed-width arrays with element loops. Correct
+// everywhere, vectorised only as far as the compiler manages (not much: about 10x slower).
 struct Vec8 {
   using acc = float;
   static constexpr int size = 8;
@@ -372,6 +437,10 @@ inline void row_grad(const T* x, TO* out, int64_t n, typename V::acc scale, type
   using A = typename V::acc;
   constexpr int W = V::size;
   constexpr A kLowest = std::numeric_limits<A>::lowest();
+  if (lse != lse) {  // the forward met a NaN logit in this row: NaN gradient, as in eager
+    for (int64_t j = 0; j < n; ++j) out[j] = static_cast<TO>(lse);
+    return;
+  }
   const bool has_label = label_local >= 0 && label_local < n;
   const A x_lab = has_label ? static_cast<A>(widen(x[label_local])) : A(0);  // read before overwrite
   const V vscale = V::set1(scale), vnlse = V::set1(-lse), va = V::set1(a), vb = V::set1(b);
@@ -406,22 +475,6 @@ inline int64_t segments_per_row(int64_t n_rows, int64_t vocab) {
 // Rows (or row segments) per parallel_for grain: ~32K elements of work at least.
 inline int64_t grain_for(int64_t elems_per_item) {
   return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, elems_per_item));
-}
-
-// Big fresh outputs (the (N, V) gradient, d_weight, the tile buffer) are mostly page-fault
-// cost on their first write, which follows right away: ask for 2 MiB pages, as PyTorch's own
-// THP_MEM_ALLOC_ENABLE does. Only a hint; failure or THP being off changes nothing.
-inline void advise_huge_pages(const at::Tensor& t) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t(1) << 21;
-  const size_t bytes = t.nbytes();
-  if (bytes < (size_t(16) << 20)) return;
-  const uintptr_t p = reinterpret_cast<uintptr_t>(t.data_ptr());
-  const uintptr_t a = (p + kHuge - 1) & ~(kHuge - 1), e = (p + bytes) & ~(kHuge - 1);
-  if (e > a) (void)madvise(reinterpret_cast<void*>(a), e - a, MADV_HUGEPAGE);
-#else
-  (void)t;
-#endif
 }
 
 inline at::ScalarType acc_dtype(at::ScalarType t) {

@@ -7,12 +7,14 @@
 //             dz_v = inv_T (g (1[v = label] - p_v) - h p_v (log p_v + H)),
 //             then d_hidden += dz @ W[tile] (fp32),  d_W[tile] = dz.T @ hidden,  d_b[tile] = sum_rows dz
 //
-// Tile dtype: float32 / float64 inputs compute their own dtype. bfloat16 tiles are computed by
-// a bf16 GEMM (fp32 accumulation inside, bf16 result, like eager), read widened, and dz is
-// rounded to bf16 for the two backward GEMMs like eager's bf16 grad_logits; d_hidden still
-// accumulates the per-tile products in fp32. float16 is computed in fp32 throughout (hidden
-// widened once, weight one tile at a time), because CPU fp16 GEMMs are far slower than fp32.
-// One tile buffer is allocated per call and reused, so no page faults per tile.
+// Tile dtype: float32 / float64 inputs compute in their own dtype. bfloat16 tiles come from a
+// bf16 GEMM (fp32 accumulation inside, bf16 result, like eager's bf16 logits) and are read
+// widened; dz is rounded to bf16 for the two backward GEMMs (like eager's bf16 grad_logits),
+// and each tile's bf16 dz @ W[tile] is summed into an fp32 d_hidden. float16 runs in fp32
+// throughout (hidden widened once, weight one tile at a time): CPU fp16 GEMMs are ~10-50x
+// slower than fp32 ones. Statistics and dz are always computed in fp32 (fp64 for fp64).
+// One tile buffer is allocated per call and reused by every tile (no page faults per tile).
+// Rows whose label is ignore_index are dropped before the backward GEMMs (zero gradient).
 #include "common.h"
 
 namespace fastalign {
@@ -28,15 +30,14 @@ struct TileWalker {
   std::optional<at::Tensor> bias_c;  // bias in the tile dtype
   at::Tensor buf;                // N * chunk elements, tile dtype
   at::Tensor wbuf;               // chunk x H, only when the weight needs a dtype change
-  int64_t n, vocab, chunk;
+  int64_t n, chunk;
 
   TileWalker(const at::Tensor& hidden, const at::Tensor& w, const std::optional<at::Tensor>& bias, int64_t chunk_)
-      : weight(w), n(hidden.size(0)), vocab(w.size(0)), chunk(std::max<int64_t>(1, std::min(chunk_, w.size(0)))) {
+      : weight(w), n(hidden.size(0)), chunk(std::max<int64_t>(1, std::min(chunk_, w.size(0)))) {
     const auto td = tile_dtype(hidden.scalar_type());
     hidden_c = hidden.to(td);
     if (bias) bias_c = bias->to(td);
     buf = at::empty({n * chunk}, hidden.options().dtype(td));
-    advise_huge_pages(buf);
     if (td != w.scalar_type()) wbuf = at::empty({chunk * w.size(1)}, w.options().dtype(td));
   }
 
@@ -107,7 +108,7 @@ void grad_tile(at::Tensor& tile, int64_t v0, const int64_t* lab, int64_t ignore_
   const A* lse = static_cast<const A*>(lse_v);
   const A* a = static_cast<const A*>(a_v);
   const A* b = static_cast<const A*>(b_v);
-  const A* g = static_cast<const A*>(g_v);  // inv_T * dL/dlogp, 0 on ignored rows
+  const A* g = static_cast<const A*>(g_v);  // inv_T * dL/dlogp, added at the label
   const A scale = static_cast<A>(inv_temperature);
   at::parallel_for(0, n, grain_for(vc), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
@@ -181,10 +182,7 @@ std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<a
   const bool ent = entropy.has_value();
 
   std::optional<at::Tensor> d_hidden, d_weight, d_bias;
-  if (need_weight) {
-    d_weight = at::empty_like(weight, at::MemoryFormat::Contiguous);
-    advise_huge_pages(*d_weight);
-  }
+  if (need_weight) d_weight = at::empty_like(weight, at::MemoryFormat::Contiguous);
   if (need_bias) d_bias = at::empty_like(*bias, at::MemoryFormat::Contiguous);
 
   // Ignored rows have zero gradient: drop them before the GEMMs (prompt tokens are often half

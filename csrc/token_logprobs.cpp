@@ -150,7 +150,6 @@ at::Tensor token_logprobs_bwd(const at::Tensor& logits, const at::Tensor& labels
   }
   at::Tensor grad = at::empty_like(logits, at::MemoryFormat::Contiguous);
   if (grad.numel() == 0) return grad;
-  advise_huge_pages(grad);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "token_logprobs_bwd", [&] {
     if (ent) {
