@@ -4,6 +4,9 @@
 //
 //   z = x * inv_T.  Online over a row:  m = max z,  s = sum e^{z-m},  t = sum e^{z-m} (z-m)
 //   lse = m + log s,      H = -sum p log p = log s - t / s,      p_v = e^{z_v - lse}
+//   lse is saved as float64 for every input dtype; the backward splits it into hi + lo (two
+//   floats) so that z_v - lse is accurate to ~1 ulp where it matters (z_v near lse), even when
+//   |lse| is in the hundreds.
 //   dL/dx_v = inv_T * p_v * (a + b (z_v - lse)) + inv_T * g * 1[v = label]
 //       with a = -(g + h H), b = -h   (g = dL/dlogp, h = dL/dH; both 0 on ignored rows)
 //
@@ -415,14 +418,14 @@ inline double label_logit(T x, A scale) {
   return static_cast<double>(widen(x)) * static_cast<double>(scale);
 }
 
-// Per-row outputs from final statistics. logp uses the double lse (not the rounded one that is
-// saved for the backward). logp <= 0 and H >= 0 hold exactly in real arithmetic; the clamps
-// only remove last-bit rounding across that boundary.
+// Per-row outputs from final statistics. lse is saved in double (for the backward's hi/lo split,
+// see row_grad). logp <= 0 and H >= 0 hold exactly in real arithmetic; the clamps only remove
+// last-bit rounding across that boundary.
 template <class A>
-inline void finalize_row(const RowStats& st, bool valid, double z_label, A* logp, A* lse, A* entropy) {
+inline void finalize_row(const RowStats& st, bool valid, double z_label, A* logp, double* lse, A* entropy) {
   const double log_s = std::log(st.s);
   const double l = st.m + log_s;
-  *lse = static_cast<A>(l);
+  *lse = l;
   const double lp = z_label - l, h = log_s - st.t / st.s;
   *logp = valid ? static_cast<A>(lp > 0.0 ? 0.0 : lp) : A(0);  // NaN passes through
   if (entropy) *entropy = valid ? static_cast<A>(h < 0.0 ? 0.0 : h) : A(0);
@@ -431,30 +434,41 @@ inline void finalize_row(const RowStats& st, bool valid, double z_label, A* logp
 // Gradient of one row segment: out[j] = inv_T p_j (a + b d_j) (+ g_lab at label_local), with
 // d_j = x_j * scale - lse and a, b already multiplied by inv_T (see the top of the file). out
 // may alias x (the linear backward overwrites the logits tile with dz).
+//
+// lse (double) is split once into hi = (A)lse and lo = (A)(lse - hi), and d_j = fma(x_j, scale,
+// -hi) - lo: where it matters (x_j * scale near lse, p_j ~ 1) the fma result is nearly exact and
+// d_j has ~1 ulp error, instead of the half-ulp(lse) error of a float lse (~3e-5 at |lse| ~ 500).
+// In double (A = double) hi is lse and lo is 0 and skipped.
 template <class V, bool ENT, class T, class TO>
-inline void row_grad(const T* x, TO* out, int64_t n, typename V::acc scale, typename V::acc lse,
-                     typename V::acc a, typename V::acc b, int64_t label_local, typename V::acc g_lab) {
+inline void row_grad(const T* x, TO* out, int64_t n, typename V::acc scale, double lse, typename V::acc a,
+                     typename V::acc b, int64_t label_local, typename V::acc g_lab) {
   using A = typename V::acc;
   constexpr int W = V::size;
+  constexpr bool kSplit = !std::is_same_v<A, double>;
   constexpr A kLowest = std::numeric_limits<A>::lowest();
   if (lse != lse) {  // the forward met a NaN logit in this row: NaN gradient, as in eager
-    for (int64_t j = 0; j < n; ++j) out[j] = static_cast<TO>(lse);
+    for (int64_t j = 0; j < n; ++j) out[j] = static_cast<TO>(static_cast<A>(lse));
     return;
   }
+  const A hi = static_cast<A>(lse);
+  // Outside the float range (hi = +-inf) keep lo = 0: the same d_j as a plain float lse.
+  const A lo = kSplit && std::isfinite(hi) ? static_cast<A>(lse - static_cast<double>(hi)) : A(0);
   const bool has_label = label_local >= 0 && label_local < n;
   const A x_lab = has_label ? static_cast<A>(widen(x[label_local])) : A(0);  // read before overwrite
-  const V vscale = V::set1(scale), vnlse = V::set1(-lse), va = V::set1(a), vb = V::set1(b);
+  const V vscale = V::set1(scale), vnhi = V::set1(-hi), vlo = V::set1(lo), va = V::set1(a), vb = V::set1(b);
   const V vlow = V::set1(kLowest);
   int64_t j = 0;
   for (; j + W <= n; j += W) {
-    const V d = fmadd(V::load(x + j), vscale, vnlse);
+    V d = fmadd(V::load(x + j), vscale, vnhi);
+    if constexpr (kSplit) d = d - vlo;
     const V p = vexp(d);
     V c = va;
     if constexpr (ENT) c = fmadd(vb, vmax(vlow, d), va);
     (p * c).store(out + j);
   }
   auto scalar = [&](A xv) {
-    const A d = sfma(xv, scale, -lse);
+    A d = sfma(xv, scale, -hi);
+    if constexpr (kSplit) d = d - lo;
     const A p = sexp(d);
     const A c = ENT ? a + b * (d != d ? d : std::max(kLowest, d)) : a;
     return p * c;
@@ -503,6 +517,13 @@ inline at::Tensor row_vector(const at::Tensor& t, int64_t n, at::ScalarType acc,
   TORCH_CHECK(t.device().is_cpu(), "fastalign: ", name, " must be a CPU tensor");
   TORCH_CHECK(t.numel() == n, "fastalign: ", name, " must have ", n, " elements");
   return t.reshape({n}).to(acc).contiguous();
+}
+
+// The saved log-sum-exp: float64 (N,) for every input dtype (see row_grad).
+inline at::Tensor lse_vector(const at::Tensor& lse, int64_t n) {
+  TORCH_CHECK(lse.scalar_type() == at::kDouble, "fastalign: lse must be float64 (the forward's output), got ",
+              lse.scalar_type());
+  return row_vector(lse, n, at::kDouble, "lse");
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@
 // throughout (hidden widened once, weight one tile at a time): CPU fp16 GEMMs are ~10-50x
 // slower than fp32 ones. Statistics and dz are always computed in fp32 (fp64 for fp64).
 // One tile buffer is allocated per call and reused by every tile (no page faults per tile).
+// lse is returned / taken as float64 (N,) for every input dtype (see row_grad in common.h).
 // Rows whose label is ignore_index are dropped before the backward GEMMs (zero gradient).
 #include "common.h"
 
@@ -105,7 +106,7 @@ void grad_tile(at::Tensor& tile, int64_t v0, const int64_t* lab, int64_t ignore_
   using V = typename Traits<C>::vec;
   const int64_t n = tile.size(0), vc = tile.size(1);
   C* z = tile.data_ptr<C>();
-  const A* lse = static_cast<const A*>(lse_v);
+  const double* lse = static_cast<const double*>(lse_v);  // float64 for every dtype
   const A* a = static_cast<const A*>(a_v);
   const A* b = static_cast<const A*>(b_v);
   const A* g = static_cast<const A*>(g_v);  // inv_T * dL/dlogp, added at the label
@@ -133,7 +134,7 @@ std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>> linear_logprobs_fw
   const int64_t n = hidden.size(0), vocab = weight.size(0);
   const auto acc = acc_dtype(hidden.scalar_type());
   auto opts = hidden.options().dtype(acc);
-  at::Tensor logp = at::empty({n}, opts), lse = at::empty({n}, opts);
+  at::Tensor logp = at::empty({n}, opts), lse = at::empty({n}, hidden.options().dtype(at::kDouble));
   std::optional<at::Tensor> entropy;
   if (with_entropy) entropy = at::empty({n}, opts);
   if (n == 0) return {logp, lse, entropy};
@@ -157,7 +158,7 @@ std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>> linear_logprobs_fw
 
   AT_DISPATCH_FLOATING_TYPES(acc, "linear_logprobs_fwd_finish", [&] {
     scalar_t* logp_p = logp.data_ptr<scalar_t>();
-    scalar_t* lse_p = lse.data_ptr<scalar_t>();
+    double* lse_p = lse.data_ptr<double>();
     scalar_t* ent_p = entropy ? entropy->data_ptr<scalar_t>() : nullptr;
     for (int64_t i = 0; i < n; ++i) {
       finalize_row<scalar_t>(stats[i], lab[i] != ignore_index, zlab[i], logp_p + i, lse_p + i,
@@ -198,7 +199,7 @@ std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<a
 
   // Per-row coefficients (see common.h): a = -inv_T (g + h H), b = -inv_T h, g_lab = inv_T g.
   const double s = inv_temperature;
-  at::Tensor lse_c = row_vector(lse, n, acc, "lse");
+  at::Tensor lse_c = lse_vector(lse, n);
   at::Tensor g = row_vector(grad_logp, n, acc, "grad_logp");
   at::Tensor a, b;
   if (ent) {

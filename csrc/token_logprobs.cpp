@@ -4,6 +4,8 @@
 //             lse = m + log s,  logp = z[label] - lse,  H = log s - t / s    (see common.h)
 //   backward: one read of the logits, one write of the gradient:
 //             dx_v = inv_T (g (1[v = label] - p_v) - h p_v (log p_v + H)),  p_v = e^{z_v - lse}
+//   lse is returned / taken as float64 (N,) for every input dtype; logp and entropy are float32
+//   (float64 for float64 logits).
 //
 // Rows are split into segments when there are fewer rows than ~4x threads (large vocabularies,
 // small batches); forward segment statistics are merged afterwards.
@@ -21,7 +23,7 @@ void forward_impl(const at::Tensor& logits, const at::Tensor& labels, int64_t ig
   const T* x = logits.data_ptr<T>();
   const int64_t* lab = labels.data_ptr<int64_t>();
   A* logp_p = logp.data_ptr<A>();
-  A* lse_p = lse.data_ptr<A>();
+  double* lse_p = lse.data_ptr<double>();
   A* ent_p = entropy ? entropy->data_ptr<A>() : nullptr;
   const A scale = static_cast<A>(inv_temperature);
 
@@ -70,7 +72,7 @@ void backward_impl(const at::Tensor& logits, const at::Tensor& labels, const at:
   const T* x = logits.data_ptr<T>();
   T* out = grad.data_ptr<T>();
   const int64_t* lab = labels.data_ptr<int64_t>();
-  const A* lse_p = lse.data_ptr<A>();
+  const double* lse_p = lse.data_ptr<double>();
   const A* gl = grad_logp.data_ptr<A>();
   const A* ent_p = ENT ? entropy->data_ptr<A>() : nullptr;
   const A* ge = ENT ? grad_entropy->data_ptr<A>() : nullptr;
@@ -113,7 +115,7 @@ std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>> token_logprobs_fwd
 
   const auto acc = acc_dtype(logits.scalar_type());
   auto opts = logits.options().dtype(acc);
-  at::Tensor logp = at::empty({n}, opts), lse = at::empty({n}, opts);
+  at::Tensor logp = at::empty({n}, opts), lse = at::empty({n}, logits.options().dtype(at::kDouble));
   std::optional<at::Tensor> entropy;
   if (with_entropy) entropy = at::empty({n}, opts);
   if (n == 0) return {logp, lse, entropy};
@@ -140,7 +142,7 @@ at::Tensor token_logprobs_bwd(const at::Tensor& logits, const at::Tensor& labels
   TORCH_CHECK(entropy.has_value() == grad_entropy.has_value(),
               "fastalign: entropy and grad_entropy must be given together");
   const auto acc = acc_dtype(logits.scalar_type());
-  const at::Tensor lse_c = row_vector(lse, n, acc, "lse");
+  const at::Tensor lse_c = lse_vector(lse, n);
   const at::Tensor gl = row_vector(grad_logp, n, acc, "grad_logp");
   at::Tensor ent_c, ge;
   const bool ent = entropy.has_value();

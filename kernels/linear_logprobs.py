@@ -11,7 +11,10 @@ Forward (`_linear_logprobs_fwd_kernel` + `_linear_logprobs_combine_kernel`): a 1
 H in BLOCK_K steps (fp32 accumulator; fp64 for fp64 inputs), adds the bias, scales by inv_T and
 folds the tile into online per-row statistics (running max m, s = Σ e^{z−m},
 t = Σ e^{z−m}(z−m), the label logit), then writes them as partials (4, SPLIT, N). The combine
-kernel merges the SPLIT partials per row (same rescaling rule) into logp, lse, entropy.
+kernel merges the SPLIT partials per row (same rescaling rule) into logp, lse, entropy; the saved
+lse is float64 for every input dtype (M + log S formed in fp64, so the exact max is not rounded
+away) and the backward splits it once per row into fp32 hi + lo, forming z − lse as
+(z − hi) − lo with the tile math in fp32.
 Why split the vocabulary (Hopper): at N = 8k tokens there are only 64 row blocks of 128, half
 the H200's 132 SMs. Splitting V into SPLIT ≥ 16 ranges gives ≥ 4 waves of programs, and ordering
 the programs row-block-major means the ~132 programs resident at once touch only ~132/SPLIT row
@@ -294,7 +297,7 @@ def _linear_logprobs_combine_kernel(
     part_ptr,  # (4, SPLIT, N) ACC
     lab_ptr,
     logp_ptr,
-    lse_ptr,
+    lse_ptr,  # (N,) fp64
     ent_ptr,
     N,
     SPLIT,
@@ -332,12 +335,25 @@ def _linear_logprobs_combine_kernel(
     valid = labels != ignore_index
     big_s = tl.where(valid, big_s, 1.0)
     log_s = tl.log(big_s)
-    lse = big_m + log_s
-    tl.store(logp_ptr + rows, tl.where(valid, tl.minimum(z_lab - lse, 0.0), 0.0), mask=ok)
-    tl.store(lse_ptr + rows, tl.where(valid, lse, 0.0), mask=ok)
+    logp = tl.minimum((z_lab - big_m) - log_s, 0.0)  # z - max is exact near the max, as in eager
+    tl.store(logp_ptr + rows, tl.where(valid, logp, 0.0), mask=ok)
+    # Saved lse: the sum formed in fp64, so the exact fp32 max is not rounded away.
+    lse64 = tl.cast(big_m, tl.float64) + tl.cast(log_s, tl.float64)
+    tl.store(lse_ptr + rows, tl.where(valid, lse64, 0.0), mask=ok)
     if WITH_ENTROPY:
         ent = tl.maximum(log_s - big_t / big_s, 0.0)
         tl.store(ent_ptr + rows, tl.where(valid, ent, 0.0), mask=ok)
+
+
+@triton.jit
+def _split_lse(lse):
+    """fp64 lse -> fp32 (hi, lo) with hi + lo = lse to ~2^-48 relative; lo = 0 where lse is
+    ±inf (the operands are zeroed first: no inf - inf, not even in a discarded branch)."""
+    hi = lse.to(tl.float32)
+    hi64 = hi.to(tl.float64)
+    rest = lse != hi64  # False at ±inf (and where hi is already exact)
+    lo = (tl.where(rest, lse, 0.0) - tl.where(rest, hi64, 0.0)).to(tl.float32)
+    return hi, lo
 
 
 @triton.autotune(configs=_dz_configs(), key=["V", "H", "N_BUCKET"], prune_configs_by=_PRUNE)
@@ -348,7 +364,7 @@ def _linear_logprobs_bwd_kernel(
     w_ptr,  # (V, H)
     b_ptr,  # (V,) or a dummy
     lab_ptr,  # (N,) int64
-    lse_ptr,  # (N,) ACC
+    lse_ptr,  # (N,) fp64
     ent_ptr,  # (N,) ACC, used if WITH_ENTROPY
     glogp_ptr,  # (N,)
     gent_ptr,  # (N,), used if WITH_ENTROPY
@@ -421,8 +437,12 @@ def _linear_logprobs_bwd_kernel(
     labels = tl.load(lab_ptr + rows, mask=row_ok, other=ignore_index)
     valid = (labels != ignore_index) & row_ok
     g = tl.where(valid, tl.load(glogp_ptr + rows, mask=row_ok, other=0.0).to(ACC), 0.0)
-    lse = tl.load(lse_ptr + rows, mask=valid, other=float("inf")).to(ACC)  # p = 0 off rows
-    logp = z - lse[:, None]
+    lse = tl.load(lse_ptr + rows, mask=valid, other=float("inf"))  # fp64; p = 0 off rows
+    if F64:
+        logp = z - lse[:, None]
+    else:
+        lse_hi, lse_lo = _split_lse(lse)  # per row; the (BLOCK_N, BLOCK_V) math stays fp32
+        logp = (z - lse_hi[:, None]) - lse_lo[:, None]
     p = tl.exp(logp)
     dz = -g[:, None] * p
     if WITH_ENTROPY:
@@ -566,7 +586,8 @@ def linear_logprobs_forward(
     chunk_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """hidden (N, H), weight (V, H), bias (V,) | None, labels (N,) int64 -> logp, lse,
-    entropy-or-None, each (N,) fp32 (fp64 for fp64 inputs); lse is 0 on ignored rows.
+    entropy-or-None, each (N,): logp and entropy fp32 (fp64 for fp64 inputs), lse fp64 for
+    every dtype; lse is 0 on ignored rows.
     `chunk_size` is not used: the forward picks its own tiles (autotuned) and splits."""
     del chunk_size
     _check(hidden, weight, bias)
@@ -577,7 +598,7 @@ def linear_logprobs_forward(
     idx = _valid_rows(labels, ignore_index) if n else None
     if idx is not None:
         logp = torch.zeros(n, dtype=acc, device=dev)
-        lse = torch.zeros(n, dtype=acc, device=dev)
+        lse = torch.zeros(n, dtype=torch.float64, device=dev)
         entropy = torch.zeros(n, dtype=acc, device=dev) if with_entropy else None
         if idx.numel():
             out = _forward(
@@ -602,7 +623,7 @@ def _forward(hidden, weight, bias, labels, ignore_index, inv_temperature, with_e
     acc, f64, tl_acc = _acc(hidden.dtype)
     dev = hidden.device
     logp = torch.empty(n, dtype=acc, device=dev)
-    lse = torch.empty(n, dtype=acc, device=dev)
+    lse = torch.empty(n, dtype=torch.float64, device=dev)
     entropy = torch.empty(n, dtype=acc, device=dev) if with_entropy else None
     if n == 0:
         return logp, lse, entropy
@@ -684,8 +705,10 @@ def linear_logprobs_backward(
     need_weight: bool,
     need_bias: bool,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """-> (d_hidden (N, H) | None, d_weight (V, H) | None, d_bias (V,) | None), input dtypes."""
+    """-> (d_hidden (N, H) | None, d_weight (V, H) | None, d_bias (V,) | None), input dtypes.
+    `lse` is the forward's fp64 (N,) tensor."""
     _check(hidden, weight, bias)
+    assert lse.dtype == torch.float64, f"linear_logprobs (triton): lse must be float64, got {lse.dtype}"
     need_bias = bool(need_bias and bias is not None)
     with_entropy = grad_entropy is not None
     if with_entropy and entropy is None:

@@ -10,6 +10,10 @@ Math (z = logits * inv_T, computed in fp32, fp64 for fp64 logits):
 
 m, s, t are updated block by block; when the running max moves m → m2:
 s ← s·e^{m−m2} + Σ e^{z−m2}, t ← e^{m−m2}·(t + (m−m2)·s) + Σ e^{z−m2}(z−m2).
+The saved lse is float64 for every input dtype: m and log s are fp32 statistics, but their sum is
+formed and stored in fp64, so m stays exact (|lse| reaches 30-300 with large logits, where an fp32
+lse is off by up to ~1e-5). The backward splits it once per row into fp32 hi + lo and forms
+z_v − lse as (z_v − hi) − lo, so the per-element math stays fp32.
 Rows whose label equals `ignore_index` give exactly 0 (logp, entropy, lse) and a zero gradient,
 and their logits are never read (zero-trip loop in the forward, predicated-off loads in the
 backward): prompt tokens cost no bandwidth.
@@ -84,7 +88,7 @@ def _token_logprobs_fwd_kernel(
     x_ptr,  # (N, V) logits, any float dtype, row stride stride_x, unit column stride
     lab_ptr,  # (N,) int64
     logp_ptr,  # (N,) ACC
-    lse_ptr,  # (N,) ACC
+    lse_ptr,  # (N,) fp64
     ent_ptr,  # (N,) ACC (unused unless WITH_ENTROPY)
     V,
     stride_x,
@@ -127,15 +131,27 @@ def _token_logprobs_fwd_kernel(
 
     s = tl.where(valid, s, 1.0)  # ignored rows: s = 0, keep log / division finite
     log_s = tl.log(s)
-    lse = m + log_s
     x_lab = tl.load(x_row + tl.where(valid, label, 0), mask=valid, other=0.0).to(ACC)
     z_lab = _scale(x_lab, inv_t_hi, inv_t_lo, F64)  # the same z as in the loop
-    logp = tl.minimum(z_lab - lse, 0.0)
+    logp = tl.minimum((z_lab - m) - log_s, 0.0)  # z - max is exact near the max, as in eager
     tl.store(logp_ptr + row, tl.where(valid, logp, 0.0))
-    tl.store(lse_ptr + row, tl.where(valid, lse, 0.0))
+    # Saved lse: the sum formed in fp64, so the exact fp32 max is not rounded away.
+    lse64 = tl.cast(m, tl.float64) + tl.cast(log_s, tl.float64)
+    tl.store(lse_ptr + row, tl.where(valid, lse64, 0.0))
     if WITH_ENTROPY:
         ent = tl.maximum(log_s - t / s, 0.0)
         tl.store(ent_ptr + row, tl.where(valid, ent, 0.0))
+
+
+@triton.jit
+def _split_lse(lse):
+    """fp64 lse -> fp32 (hi, lo) with hi + lo = lse to ~2^-48 relative; lo = 0 where lse is
+    ±inf (the operands are zeroed first: no inf - inf, not even in a discarded branch)."""
+    hi = lse.to(tl.float32)
+    hi64 = hi.to(tl.float64)
+    rest = lse != hi64  # False at ±inf (and where hi is already exact)
+    lo = (tl.where(rest, lse, 0.0) - tl.where(rest, hi64, 0.0)).to(tl.float32)
+    return hi, lo
 
 
 @triton.autotune(configs=_bwd_configs(), key=["V"])
@@ -143,7 +159,7 @@ def _token_logprobs_fwd_kernel(
 def _token_logprobs_bwd_kernel(
     x_ptr,  # (N, V) logits
     lab_ptr,  # (N,) int64
-    lse_ptr,  # (N,) ACC
+    lse_ptr,  # (N,) fp64
     ent_ptr,  # (N,) ACC (unused unless WITH_ENTROPY)
     glogp_ptr,  # (N,) dL/dlogp
     gent_ptr,  # (N,) dL/dentropy (unused unless WITH_ENTROPY)
@@ -167,10 +183,14 @@ def _token_logprobs_bwd_kernel(
     v_lim = tl.where(valid, V, 0)  # read bound: 0 on ignored rows
 
     g = tl.where(valid, tl.load(glogp_ptr + row).to(ACC), 0.0)
-    lse = tl.load(lse_ptr + row).to(ACC)
+    lse = tl.load(lse_ptr + row)  # fp64
     # Ignored rows: loads predicated off (no bytes read), gradient written as exact zeros.
     x = tl.load(x_ptr + row * stride_x + cols, mask=cols < v_lim, other=0.0).to(ACC)
-    logp = _scale(x, inv_t_hi, inv_t_lo, F64) - lse
+    if F64:
+        logp = _scale(x, inv_t_hi, inv_t_lo, F64) - lse
+    else:
+        lse_hi, lse_lo = _split_lse(lse)  # once per row; the (BLOCK_V,) math stays fp32
+        logp = (_scale(x, inv_t_hi, inv_t_lo, F64) - lse_hi) - lse_lo
     p = tl.exp(logp)
     dz = -g * p
     if WITH_ENTROPY:
@@ -209,14 +229,15 @@ def _check_logits(logits: torch.Tensor) -> None:
 def token_logprobs_forward(
     logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, inv_temperature: float, with_entropy: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """logits (N, V), labels (N,) int64 -> logp, lse, entropy-or-None, each (N,) fp32
-    (fp64 for fp64 logits). lse is 0 on ignored rows (never used there)."""
+    """logits (N, V), labels (N,) int64 -> logp, lse, entropy-or-None, each (N,): logp and
+    entropy fp32 (fp64 for fp64 logits), lse fp64 for every dtype. lse is 0 on ignored rows
+    (never used there)."""
     _check_logits(logits)
     n, v = logits.shape
     acc, f64, tl_acc = _acc(logits.dtype)
     labels = labels.contiguous()
     logp = torch.empty(n, dtype=acc, device=logits.device)
-    lse = torch.empty(n, dtype=acc, device=logits.device)
+    lse = torch.empty(n, dtype=torch.float64, device=logits.device)
     entropy = torch.empty(n, dtype=acc, device=logits.device) if with_entropy else None
     if n == 0:
         return logp, lse, entropy
@@ -249,9 +270,10 @@ def token_logprobs_backward(
     ignore_index: int,
     inv_temperature: float,
 ) -> torch.Tensor:
-    """-> grad_logits (N, V) in the logits dtype. `entropy` and `grad_entropy` are both given
-    (return_entropy) or both None."""
+    """-> grad_logits (N, V) in the logits dtype. `lse` is the forward's fp64 (N,) tensor.
+    `entropy` and `grad_entropy` are both given (return_entropy) or both None."""
     _check_logits(logits)
+    assert lse.dtype == torch.float64, f"token_logprobs (triton): lse must be float64, got {lse.dtype}"
     n, v = logits.shape
     _, f64, tl_acc = _acc(logits.dtype)
     grad_logits = torch.empty_like(logits, memory_format=torch.contiguous_format)

@@ -27,7 +27,7 @@ from fastalign.ops._backend import (
     out_dtype,
     resolve_backend,
 )
-from fastalign.ops.token_logprobs import _p_log_p, token_logprobs_reference
+from fastalign.ops.token_logprobs import _p_log_p, split_lse, token_logprobs_reference
 
 _OP = "linear_logprobs"
 _TILE_BYTES = 32 * 2**20  # default fp32 (N, chunk) tile size for the torch / cpp backends
@@ -92,24 +92,24 @@ def linear_logprobs_forward_torch(
     for v0 in range(0, vocab, chunk_size):
         v1 = min(vocab, v0 + chunk_size)
         z = _logits_tile(hidden, weight, bias, v0, v1, inv_temperature, acc)  # (N, Vc)
+        hit = valid & (labels >= v0) & (labels < v1)
+        z_label = torch.where(hit, z[rows, torch.where(hit, labels - v0, 0)], z_label)
         m_new = torch.maximum(m, z.amax(1))
-        # Rows whose logits so far are all -inf (masked vocabulary) shift by 0, not by -inf.
-        m_new = torch.where(m_new == float("-inf"), 0.0, m_new)
-        scale = torch.exp(m - m_new)  # 0 on the first tile (m = -inf)
-        z.sub_(m_new.unsqueeze(1))
+        # Shift by the running max, or by 0 while a row's logits so far are all -inf (masked
+        # vocabulary): never -inf - -inf.
+        m_ref = torch.where(m_new == float("-inf"), 0.0, m_new)
+        scale = torch.exp(m - m_ref)  # 0 while m = -inf (s is still 0 then)
+        z.sub_(m_ref.unsqueeze(1))
         e = z.exp()
         if with_entropy:
-            # t' = e^{m-m'} (t + (m - m') s): guard the first tile's (-inf * 0).
-            shift = torch.where(s > 0, (m - m_new) * s, 0.0)
+            # t' = e^{m-m'} (t + (m - m') s): guard the (-inf * 0) while s = 0.
+            shift = torch.where(s > 0, (m - m_ref) * s, 0.0)
             t = scale * (t + shift) + _p_log_p(e, z).sum(1)
         s = s * scale + e.sum(1)
         m = m_new
-        hit = valid & (labels >= v0) & (labels < v1)
-        local = torch.where(hit, labels - v0, 0)
-        z_label = torch.where(hit, z[rows, local] + m_new, z_label)
     log_s = torch.log(s)
-    lse = m + log_s
-    logp = torch.where(valid, z_label - lse, 0.0)
+    lse = m.double() + log_s.double()  # float64: see split_lse
+    logp = torch.where(valid, (z_label - m) - log_s, 0.0)
     entropy = torch.where(valid, log_s - t / s, 0.0) if with_entropy else None
     return logp, lse, entropy
 
@@ -142,10 +142,10 @@ def linear_logprobs_backward_torch(
     d_hidden = torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if need_hidden else None
     d_weight = torch.empty_like(weight) if need_weight else None
     d_bias = torch.empty_like(bias) if need_bias else None
-    lse_col = lse.unsqueeze(1)
+    lse_hi, lse_lo = split_lse(lse, acc)
     for v0 in range(0, vocab, chunk_size):
         v1 = min(vocab, v0 + chunk_size)
-        logp = _logits_tile(hidden, weight, bias, v0, v1, inv_temperature, acc).sub_(lse_col)  # (N, Vc)
+        logp = _logits_tile(hidden, weight, bias, v0, v1, inv_temperature, acc).sub_(lse_hi).sub_(lse_lo)
         p = logp.exp()
         dz = -g * p
         if gh is not None:

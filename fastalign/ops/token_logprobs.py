@@ -57,6 +57,15 @@ def token_logprobs_reference(
 # ---------------------------------------------------------------------------------------------
 # torch backend: chunked over rows, fp32 math, same signature as the cpp / triton launchers.
 # ---------------------------------------------------------------------------------------------
+def split_lse(lse: torch.Tensor, acc: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The float64 log-sum-exp saved by every forward, as (hi, lo) columns in `acc` with
+    hi + lo = lse to ~2^-48. The backwards form z - lse as (z - hi) - lo: z - hi is exact for
+    the logits that matter (Sterbenz), so large logits lose no precision to a rounded lse."""
+    hi = lse.to(acc)
+    lo = (lse - hi.double()).to(acc)
+    return hi.unsqueeze(1), lo.unsqueeze(1)
+
+
 def _p_log_p(p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """p * x with 0 where p == 0, so -inf logits (masked vocabulary) give 0, not NaN."""
     return torch.where(p > 0, p * x, 0.0)
@@ -72,7 +81,7 @@ def token_logprobs_forward_torch(
     n, v = logits.shape
     acc = out_dtype(logits.dtype)
     logp = torch.empty(n, dtype=acc, device=logits.device)
-    lse = torch.empty(n, dtype=acc, device=logits.device)
+    lse = torch.empty(n, dtype=torch.float64, device=logits.device)  # see split_lse
     entropy = torch.empty(n, dtype=acc, device=logits.device) if with_entropy else None
     step = _row_chunk(n, v)
     for r0 in range(0, n, step):
@@ -80,12 +89,14 @@ def token_logprobs_forward_torch(
         z = logits[r0:r1].to(acc) * inv_temperature  # (n_c, V)
         lab = labels[r0:r1]
         valid = lab != ignore_index
-        lse_c = torch.logsumexp(z, dim=-1)
+        m = z.amax(1).clamp_min(torch.finfo(acc).min)  # finite even for an all -inf row
+        z.sub_(m.unsqueeze(1))  # z - max: exact where it matters, as in eager log_softmax
+        log_s = z.exp().sum(1).log()
         z_lab = z.gather(1, torch.where(valid, lab, 0).unsqueeze(1)).squeeze(1)
-        lse[r0:r1] = lse_c
-        logp[r0:r1] = torch.where(valid, z_lab - lse_c, 0.0)
+        lse[r0:r1] = m.double() + log_s.double()
+        logp[r0:r1] = torch.where(valid, z_lab - log_s, 0.0)
         if entropy is not None:
-            z.sub_(lse_c.unsqueeze(1))  # log p, in place
+            z.sub_(log_s.unsqueeze(1))  # log p, in place
             h = -_p_log_p(z.exp(), z).sum(1)
             entropy[r0:r1] = torch.where(valid, h, 0.0)
     return logp, lse, entropy
@@ -110,7 +121,8 @@ def token_logprobs_backward_torch(
         lab = labels[r0:r1]
         valid = lab != ignore_index
         g = torch.where(valid, grad_logp[r0:r1].to(acc), 0.0).unsqueeze(1)  # (n_c, 1)
-        logp_all = logits[r0:r1].to(acc) * inv_temperature - lse[r0:r1].unsqueeze(1)  # (n_c, V)
+        hi, lo = split_lse(lse[r0:r1], acc)
+        logp_all = (logits[r0:r1].to(acc) * inv_temperature).sub_(hi).sub_(lo)  # (n_c, V)
         p = logp_all.exp()
         dz = -g * p
         if grad_entropy is not None:
