@@ -524,6 +524,67 @@ def print_table(results: list[dict], machine: dict, device_name: str, threads: i
     print()
 
 
+# The issue's targets on a 2-core CPU, checked on the results of this run when their shape is in it.
+TARGETS = (
+    # (op, backend, mode, shape, dtype, metric, comparison, bound, description)
+    (
+        "token_logprobs",
+        "cpp",
+        "fwd+bwd",
+        "N=4096 V=49152",
+        "fp32",
+        "speedup_vs_eager",
+        ">=",
+        2.0,
+        "cpp token_logprobs fwd+bwd speed-up vs eager",
+    ),
+    (
+        "linear_logprobs",
+        "cpp",
+        "fwd+bwd",
+        "N=4096 H=576 V=49152",
+        "fp32",
+        "mem_ratio_vs_eager",
+        "<=",
+        0.1,
+        "cpp linear_logprobs fwd+bwd peak memory / eager's",
+    ),
+    (
+        "linear_logprobs",
+        "cpp",
+        "fwd+bwd",
+        "N=4096 H=576 V=49152",
+        "fp32",
+        "time_ratio_vs_eager",
+        "<=",
+        1.2,
+        "cpp linear_logprobs fwd+bwd time / eager's",
+    ),
+)
+
+
+def print_targets(results: list[dict]) -> None:
+    found = {
+        (r["op"], r["backend"], r["mode"], r["shape"], r["dtype"]): r for r in results if "error" not in r
+    }
+    print("TARGETS (from the issue; CPU, fp32)")
+    for op, backend, mode, shape, dtype, metric, cmp, bound, what in TARGETS:
+        r = found.get((op, backend, mode, shape, dtype))
+        if r is None:
+            print(f"  {what} at {shape}: not in this run (full CPU mode measures it)")
+            continue
+        if metric == "time_ratio_vs_eager":
+            value = 1.0 / r["speedup_vs_eager"] if r.get("speedup_vs_eager") else None
+        else:
+            value = r.get(metric)
+        if value is None:
+            print(f"  {what} at {shape}: no figure")
+            continue
+        ok = value >= bound if cmp == ">=" else value <= bound
+        print(f"  {what} at {shape}: {value:.3f} (target {cmp} {bound}) {'MET' if ok else 'MISSED'}")
+    print()
+
+
 def derive(results: list[dict], machine: dict) -> None:
     """Add rate / fraction of the machine limit / ratios vs eager to each successful result."""
     eager = {}
@@ -831,6 +892,7 @@ def main(argv: list[str] | None = None) -> int:
     measure_limits("after the cases")
     save()
     print_table(results, machine, device_name, threads)
+    print_targets(results)
     mem_methods = sorted({r["mem_method"] for r in results if "mem_method" in r})
     for m in mem_methods:
         print(f"peak memory method: {m}")
