@@ -9,6 +9,11 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
+from hypothesis import settings
+
+# Property tests draw the same examples on every run: CI failures are reproducible, never flaky.
+settings.register_profile("fastalign", derandomize=True, deadline=None, print_blob=True)
+settings.load_profile("fastalign")
 
 
 def pytest_collection_modifyitems(config, items):

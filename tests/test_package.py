@@ -1,6 +1,7 @@
 """Packaging and project-shape checks that would catch a broken install or CI wiring."""
 
 import importlib.util
+import os
 import re
 import subprocess
 import sys
@@ -45,3 +46,25 @@ def test_ci_runs_the_readme_test_command():
     assert len(commands) == 2, commands
     ci = (ROOT / ".ci" / "run").read_text()
     assert "bash scripts/test.sh" in commands and "bash scripts/test.sh" in ci
+
+
+def test_without_a_compiler_one_warning_and_the_torch_backend(tmp_path):
+    code = (
+        "import warnings, torch\n"
+        "from fastalign.ops import token_logprobs\n"
+        "from fastalign.ops._backend import resolve_backend\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    picks = [resolve_backend('auto', torch.device('cpu'), 'op') for _ in range(3)]\n"
+        "    out = token_logprobs(torch.zeros(2, 4), torch.tensor([1, -100]))\n"
+        "msgs = [str(w.message) for w in caught if 'C++ CPU kernels' in str(w.message)]\n"
+        "print(picks, len(msgs), round(out[0].item(), 4))\n"
+        "print(msgs[0].splitlines()[0][:60] if msgs else '')\n"
+    )
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"), "FASTALIGN_EXTENSIONS_DIR": str(tmp_path)}
+    env.pop("FASTALIGN_DISABLE_CPP", None)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    first, second = out.stdout.strip().splitlines()
+    assert first == "['torch', 'torch', 'torch'] 1 -1.3863", out.stdout
+    assert second.startswith("fastalign: could not build the C++ CPU kernels")
