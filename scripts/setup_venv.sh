@@ -12,14 +12,14 @@ if ! "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null; th
 fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 
-stamp=".venv/.deps-$(cat pyproject.toml setup.py | sha256sum | cut -c1-16)"
+stamp=".venv/.deps-$(cat pyproject.toml setup.py constraints.txt | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
   echo "== installing fastalign and its pinned dependencies into .venv (first run only) =="
   .venv/bin/python -m pip install -q --upgrade pip 2>/dev/null || true
   # torch is pinned to 2.13.0. Without CUDA, point FASTALIGN_TORCH_INDEX at PyTorch's CPU wheel
   # index to avoid downloading the multi-GB CUDA build.
   .venv/bin/python -m pip install -q "torch==2.13.0" ${FASTALIGN_TORCH_INDEX:+--index-url "$FASTALIGN_TORCH_INDEX"}
-  .venv/bin/python -m pip install -q -e ".[dev]"
+  .venv/bin/python -m pip install -q -c constraints.txt -e ".[dev]"
   rm -f .venv/.deps-*
   touch "$stamp"
 fi
