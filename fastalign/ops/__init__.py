@@ -6,10 +6,12 @@
   never holding the (N, V) logits.
 """
 
-from fastalign.ops.linear_logprobs import linear_logprobs, linear_logprobs_reference
-from fastalign.ops.token_logprobs import token_logprobs, token_logprobs_reference
+from fastalign.ops.linear_logprobs import LinearLogprobs, linear_logprobs, linear_logprobs_reference
+from fastalign.ops.token_logprobs import TokenLogprobs, token_logprobs, token_logprobs_reference
 
 __all__ = [
+    "LinearLogprobs",
+    "TokenLogprobs",
     "linear_logprobs",
     "linear_logprobs_reference",
     "token_logprobs",

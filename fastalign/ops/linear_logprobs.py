@@ -304,3 +304,44 @@ def linear_logprobs(
     if return_entropy:
         return out[0].view(batch_shape), out[1].view(batch_shape)
     return out.view(batch_shape)
+
+
+class LinearLogprobs(torch.nn.Module):
+    """`linear_logprobs` as a module: forward(hidden, weight, labels, bias=None). The lm_head
+    weight is an argument, not a parameter of this module, so the model keeps owning it (tied
+    embeddings, ZeRO-3 sharding)."""
+
+    def __init__(
+        self,
+        *,
+        ignore_index: int = -100,
+        temperature: float = 1.0,
+        return_entropy: bool = False,
+        chunk_size: int | None = None,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.ignore_index, self.temperature, self.return_entropy = ignore_index, temperature, return_entropy
+        self.chunk_size, self.backend = chunk_size, backend
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        labels: torch.Tensor,
+        bias: torch.Tensor | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        return linear_logprobs(
+            hidden,
+            weight,
+            labels,
+            bias=bias,
+            ignore_index=self.ignore_index,
+            temperature=self.temperature,
+            return_entropy=self.return_entropy,
+            chunk_size=self.chunk_size,
+            backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        return f"ignore_index={self.ignore_index}, temperature={self.temperature}, backend={self.backend!r}"

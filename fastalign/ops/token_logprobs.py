@@ -232,3 +232,34 @@ def token_logprobs(
     if return_entropy:
         return out[0].view(batch_shape), out[1].view(batch_shape)
     return out.view(batch_shape)
+
+
+class TokenLogprobs(torch.nn.Module):
+    """`token_logprobs` as a module (settings fixed at construction): forward(logits, labels)."""
+
+    def __init__(
+        self,
+        *,
+        ignore_index: int = -100,
+        temperature: float = 1.0,
+        return_entropy: bool = False,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.ignore_index, self.temperature = ignore_index, temperature
+        self.return_entropy, self.backend = return_entropy, backend
+
+    def forward(
+        self, logits: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        return token_logprobs(
+            logits,
+            labels,
+            ignore_index=self.ignore_index,
+            temperature=self.temperature,
+            return_entropy=self.return_entropy,
+            backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        return f"ignore_index={self.ignore_index}, temperature={self.temperature}, backend={self.backend!r}"

@@ -218,3 +218,14 @@ def test_minus_inf_bias_masks_tokens(backend):
     assert torch.allclose(logp.double(), want[0], atol=1e-5)
     assert torch.allclose(ent.double(), want[1], atol=1e-5)
     assert torch.isfinite(h.grad).all()
+
+
+def test_module_matches_function():
+    from fastalign.ops import LinearLogprobs
+
+    hidden, weight, b, labels = make_case((6,), 16, 90, torch.float32)
+    mod = LinearLogprobs(temperature=2.0, chunk_size=32, backend="torch")
+    assert list(mod.parameters()) == []  # the model keeps owning its lm_head
+    got = mod(hidden, weight, labels, bias=b)
+    want = linear_logprobs(hidden, weight, labels, bias=b, temperature=2.0, chunk_size=32, backend="torch")
+    assert torch.equal(got, want)

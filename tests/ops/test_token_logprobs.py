@@ -210,3 +210,14 @@ def test_masked_vocabulary_with_minus_inf_logits(backend):
     assert torch.isfinite(x.grad).all() and (x.grad[:, 10:25] == 0).all()
     assert torch.allclose(logp.double(), want_logp, atol=1e-5)
     assert torch.allclose(ent.double(), want_ent, atol=1e-5)
+
+
+def test_module_matches_function():
+    from fastalign.ops import TokenLogprobs
+
+    logits, labels = make_case((4, 9, 50), torch.float32)
+    mod = TokenLogprobs(temperature=0.5, return_entropy=True, backend="torch")
+    got = mod(logits, labels)
+    want = token_logprobs(logits, labels, temperature=0.5, return_entropy=True, backend="torch")
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert "temperature=0.5" in repr(mod)
