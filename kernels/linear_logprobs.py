@@ -64,6 +64,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from fastalign.kernels._common import _acc, _scale, _split_lse, _split_scalar
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # FASTALIGN_TRITON_AUTOTUNE=0: skip autotuning, use the last (64×64, any-dtype) config of each
@@ -143,15 +144,6 @@ def _prune(configs, named_args, **kwargs):
 
 _PRUNE = {"early_config_prune": _prune}
 _EVEN_K = {"EVEN_K": lambda args: args["H"] % args["BLOCK_K"] == 0}
-
-
-@triton.jit
-def _scale(x, inv_t_hi, inv_t_lo, F64: tl.constexpr):
-    """x * inv_T; for fp64 the fp32 pair (hi, lo) restores the factor to ~2^-48."""
-    if F64:
-        return x * (tl.cast(inv_t_hi, tl.float64) + tl.cast(inv_t_lo, tl.float64))
-    else:
-        return x * inv_t_hi
 
 
 @triton.jit
@@ -345,17 +337,6 @@ def _linear_logprobs_combine_kernel(
         tl.store(ent_ptr + rows, tl.where(valid, ent, 0.0), mask=ok)
 
 
-@triton.jit
-def _split_lse(lse):
-    """fp64 lse -> fp32 (hi, lo) with hi + lo = lse to ~2^-48 relative; lo = 0 where lse is
-    ±inf (the operands are zeroed first: no inf - inf, not even in a discarded branch)."""
-    hi = lse.to(tl.float32)
-    hi64 = hi.to(tl.float64)
-    rest = lse != hi64  # False at ±inf (and where hi is already exact)
-    lo = (tl.where(rest, lse, 0.0) - tl.where(rest, hi64, 0.0)).to(tl.float32)
-    return hi, lo
-
-
 @triton.autotune(configs=_dz_configs(), key=["V", "H", "N_BUCKET"], prune_configs_by=_PRUNE)
 @triton.heuristics(_EVEN_K)
 @triton.jit
@@ -519,19 +500,6 @@ def _linear_logprobs_bwd_dh_kernel(
 # launchers (same signatures as linear_logprobs_forward_torch / linear_logprobs_backward_torch)
 # ---------------------------------------------------------------------------------------------
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-
-
-def _split_scalar(x: float) -> tuple[float, float]:
-    """x = hi + lo with hi, lo exactly representable in fp32 (fp32 kernel args)."""
-    hi = float(torch.tensor(x, dtype=torch.float32))
-    lo = float(torch.tensor(x - hi, dtype=torch.float32))
-    return hi, lo
-
-
-def _acc(dtype: torch.dtype) -> tuple[torch.dtype, bool, tl.dtype]:
-    if dtype == torch.float64:
-        return torch.float64, True, tl.float64
-    return torch.float32, False, tl.float32
 
 
 def _dot_precision(dtype: torch.dtype) -> str:

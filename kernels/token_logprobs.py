@@ -42,6 +42,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from fastalign.kernels._common import _acc, _scale, _split_lse, _split_scalar
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # FASTALIGN_TRITON_AUTOTUNE=0: skip autotuning and use the first config (GPU test suites).
@@ -70,16 +71,6 @@ def _bwd_configs() -> list[triton.Config]:
         triton.Config({"BLOCK_V": 8192}, num_warps=16),
     ]
     return configs if _AUTOTUNE else configs[:1]
-
-
-@triton.jit
-def _scale(x, inv_t_hi, inv_t_lo, F64: tl.constexpr):
-    """x * inv_T; for fp64 the fp32 pair (hi, lo) restores the factor to ~2^-48 (one multiply,
-    so x = -inf stays -inf)."""
-    if F64:
-        return x * (tl.cast(inv_t_hi, tl.float64) + tl.cast(inv_t_lo, tl.float64))
-    else:
-        return x * inv_t_hi
 
 
 @triton.autotune(configs=_fwd_configs(), key=["V"])
@@ -143,17 +134,6 @@ def _token_logprobs_fwd_kernel(
         tl.store(ent_ptr + row, tl.where(valid, ent, 0.0))
 
 
-@triton.jit
-def _split_lse(lse):
-    """fp64 lse -> fp32 (hi, lo) with hi + lo = lse to ~2^-48 relative; lo = 0 where lse is
-    ±inf (the operands are zeroed first: no inf - inf, not even in a discarded branch)."""
-    hi = lse.to(tl.float32)
-    hi64 = hi.to(tl.float64)
-    rest = lse != hi64  # False at ±inf (and where hi is already exact)
-    lo = (tl.where(rest, lse, 0.0) - tl.where(rest, hi64, 0.0)).to(tl.float32)
-    return hi, lo
-
-
 @triton.autotune(configs=_bwd_configs(), key=["V"])
 @triton.jit
 def _token_logprobs_bwd_kernel(
@@ -206,19 +186,6 @@ def _token_logprobs_bwd_kernel(
 # ---------------------------------------------------------------------------------------------
 # launchers (same signatures as token_logprobs_forward_torch / token_logprobs_backward_torch)
 # ---------------------------------------------------------------------------------------------
-def _split_scalar(x: float) -> tuple[float, float]:
-    """x = hi + lo with hi, lo exactly representable in fp32 (fp32 kernel args)."""
-    hi = float(torch.tensor(x, dtype=torch.float32))
-    lo = float(torch.tensor(x - hi, dtype=torch.float32))
-    return hi, lo
-
-
-def _acc(dtype: torch.dtype) -> tuple[torch.dtype, bool, tl.dtype]:
-    if dtype == torch.float64:
-        return torch.float64, True, tl.float64
-    return torch.float32, False, tl.float32
-
-
 def _check_logits(logits: torch.Tensor) -> None:
     if logits.dim() != 2 or logits.stride(1) != 1:
         raise ValueError("token_logprobs (triton): logits must be 2-D (N, V) with unit column stride")
