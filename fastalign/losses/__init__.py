@@ -1,0 +1,31 @@
+"""Alignment losses in plain PyTorch, on (sequence or token) log-probs; import-light (torch only).
+
+- `kl_estimate(logps, ref_logps, kind)`: per-token KL(π ‖ π_ref) estimators k1 / k2 / k3 / abs.
+- `sequence_logps(token_logps, mask, average)`: (B, T) → (B,) summed or averaged log-probs.
+- `dpo_loss` (+ TRL's variants), `simpo_loss`, `orpo_loss`, `kto_loss`: preference losses,
+  per example, with detached rewards.
+- `bradley_terry_loss`: the pairwise reward-model loss (margin, reward centring).
+"""
+
+from fastalign.losses.kl import KL_KINDS, kl_estimate
+from fastalign.losses.preference import (
+    DPO_LOSS_TYPES,
+    bradley_terry_loss,
+    dpo_loss,
+    kto_loss,
+    orpo_loss,
+    sequence_logps,
+    simpo_loss,
+)
+
+__all__ = [
+    "DPO_LOSS_TYPES",
+    "KL_KINDS",
+    "bradley_terry_loss",
+    "dpo_loss",
+    "kl_estimate",
+    "kto_loss",
+    "orpo_loss",
+    "sequence_logps",
+    "simpo_loss",
+]
