@@ -3,10 +3,10 @@ top-level `kernels` package (transformers probes for Hugging Face's package of t
 The C++ CPU kernels in `csrc/` ship as sources and are JIT-compiled on first use (see
 fastalign/ops/_cpp.py), so installing needs no compiler and no torch at build time."""
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
-    packages=["fastalign", "fastalign.ops", "fastalign.kernels", "fastalign.csrc"],
+    packages=[*find_packages(include=["fastalign", "fastalign.*"]), "fastalign.kernels", "fastalign.csrc"],
     package_dir={"fastalign.kernels": "kernels", "fastalign.csrc": "csrc"},
     package_data={"fastalign.csrc": ["*.cpp", "*.h"]},
 )

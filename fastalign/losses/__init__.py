@@ -5,9 +5,13 @@
 - `dpo_loss` (+ TRL's variants), `simpo_loss`, `orpo_loss`, `kto_loss`: preference losses,
   per example, with detached rewards.
 - `bradley_terry_loss`: the pairwise reward-model loss (margin, reward centring).
+- `ppo_policy_loss`, `value_loss`: clipped PPO surrogate (asymmetric / dual clip) and clipped value
+  loss with token- or sequence-level aggregation; `grpo_advantages`, `rloo_advantages`: group
+  baselines for GRPO / Dr. GRPO / RLOO. (GAE is a fused op: `fastalign.ops.gae`.)
 """
 
 from fastalign.losses.kl import KL_KINDS, kl_estimate
+from fastalign.losses.policy import AGGS, grpo_advantages, ppo_policy_loss, rloo_advantages, value_loss
 from fastalign.losses.preference import (
     DPO_LOSS_TYPES,
     bradley_terry_loss,
@@ -19,13 +23,18 @@ from fastalign.losses.preference import (
 )
 
 __all__ = [
+    "AGGS",
     "DPO_LOSS_TYPES",
     "KL_KINDS",
     "bradley_terry_loss",
     "dpo_loss",
+    "grpo_advantages",
     "kl_estimate",
     "kto_loss",
     "orpo_loss",
+    "ppo_policy_loss",
+    "rloo_advantages",
     "sequence_logps",
     "simpo_loss",
+    "value_loss",
 ]

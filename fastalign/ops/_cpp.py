@@ -17,7 +17,7 @@ import warnings
 from pathlib import Path
 from types import ModuleType
 
-_SOURCES = ("bindings.cpp", "token_logprobs.cpp", "linear_logprobs.cpp")
+_SOURCES = ("bindings.cpp", "token_logprobs.cpp", "linear_logprobs.cpp", "gae.cpp")
 _HEADERS = ("common.h",)
 _build_error: str | None = None
 
