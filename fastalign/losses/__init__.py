@@ -8,8 +8,12 @@
 - `ppo_policy_loss`, `value_loss`: clipped PPO surrogate (asymmetric / dual clip) and clipped value
   loss with token- or sequence-level aggregation; `grpo_advantages`, `rloo_advantages`: group
   baselines for GRPO / Dr. GRPO / RLOO. (GAE is a fused op: `fastalign.ops.gae`.)
+- `FusedLinearPreferenceLoss` (dpo / ipo / simpo / orpo), `FusedLinearKTOLoss`,
+  `FusedLinearPolicyLoss`: the same losses from hidden states + lm_head weight via
+  `fastalign.ops.linear_logprobs` (never holding logits; the op is imported on first forward).
 """
 
+from fastalign.losses.fused_linear import FusedLinearKTOLoss, FusedLinearPolicyLoss, FusedLinearPreferenceLoss
 from fastalign.losses.kl import KL_KINDS, kl_estimate
 from fastalign.losses.policy import AGGS, grpo_advantages, ppo_policy_loss, rloo_advantages, value_loss
 from fastalign.losses.preference import (
@@ -26,6 +30,9 @@ __all__ = [
     "AGGS",
     "DPO_LOSS_TYPES",
     "KL_KINDS",
+    "FusedLinearKTOLoss",
+    "FusedLinearPolicyLoss",
+    "FusedLinearPreferenceLoss",
     "bradley_terry_loss",
     "dpo_loss",
     "grpo_advantages",
