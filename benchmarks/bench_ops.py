@@ -289,7 +289,6 @@ def _make_step(op: str, backend: str, mode: str, params: list, labels):
 
 
 def _run_one(case: dict) -> dict:
-    import numpy as np
     import torch
 
     device = case["device"]
@@ -330,38 +329,53 @@ def _run_one(case: dict) -> dict:
         res["peak_mem_mb"] = (torch.cuda.max_memory_allocated() - before) / 2**20
         res["mem_method"] = "torch.cuda.max_memory_allocated - memory_allocated before the call"
     else:
-        if _reset_hwm():
-            before = _proc_status_mb()["VmRSS"]
-            t0 = time.perf_counter()
-            step()
-            first_s = time.perf_counter() - t0
-            res["peak_mem_mb"] = max(0.0, _proc_status_mb()["VmHWM"] - before)
-            res["mem_method"] = (
-                "VmHWM after the call - VmRSS before it (peak reset via /proc/self/clear_refs)"
-            )
-        else:
-            before = _proc_status_mb()["VmRSS"]
-            floor = _maxrss_mb()
-            t0 = time.perf_counter()
-            step()
-            first_s = time.perf_counter() - t0
-            res["peak_mem_mb"] = max(0.0, _maxrss_mb() - before)
-            res["mem_method"] = "ru_maxrss after the call - RSS before it"
-            if floor > before + 1.0:
-                res["mem_method"] += (
-                    f" (UNRELIABLE: high-water mark was already {floor - before:.0f} MB above)"
-                )
+        res["peak_mem_mb"], first_s, res["mem_method"] = measure_peak_cpu(step)
     res["first_call_ms"] = first_s * 1e3
 
     # 4. timings. Fused backends are timed in pairs with the eager baseline on the same inputs,
     #    alternating which goes first; speedup_vs_eager is the median of the per-pair ratios, so
     #    that a change of machine load during the run cancels out of it.
     #    The number of reps (pairs) is clamp(target_s / time of the first one, min_reps, max_reps).
-    target, lo, hi = case["target_s"], case["min_reps"], case["max_reps"]
     steps = {backend: step}
     if paired:
         steps["eager"] = _make_step(op, "eager", mode, params, labels)
-    if first_s < 1.0:  # warm-up (the memory call above served as one for slow cases)
+    res.update(time_steps(steps, backend, first_s, case, device))
+    return res
+
+
+def measure_peak_cpu(step) -> tuple[float, float, str]:
+    """Peak extra RSS of one call of step() above the RSS before it (MiB), on CPU.
+    Returns (peak_mb, seconds the call took, description of the method)."""
+    if _reset_hwm():
+        before = _proc_status_mb()["VmRSS"]
+        t0 = time.perf_counter()
+        step()
+        first_s = time.perf_counter() - t0
+        peak = max(0.0, _proc_status_mb()["VmHWM"] - before)
+        return peak, first_s, "VmHWM after the call - VmRSS before it (peak reset via /proc/self/clear_refs)"
+    before = _proc_status_mb()["VmRSS"]
+    floor = _maxrss_mb()
+    t0 = time.perf_counter()
+    step()
+    first_s = time.perf_counter() - t0
+    method = "ru_maxrss after the call - RSS before it"
+    if floor > before + 1.0:
+        method += f" (UNRELIABLE: high-water mark was already {floor - before:.0f} MB above)"
+    return max(0.0, _maxrss_mb() - before), first_s, method
+
+
+def time_steps(steps: dict, backend: str, first_s: float, case: dict, device: str) -> dict:
+    """Time steps[backend], in pairs with steps["eager"] when that is there (same inputs, one
+    process, alternating which goes first). The number of reps (pairs) is
+    clamp(case["target_s"] / time of the first one, case["min_reps"], case["max_reps"]).
+    Returns time_ms_median / _p20 / _p80, reps and, when paired, speedup_vs_eager (median of the
+    per-pair ratios, so that a change of machine load during the run cancels out of it) and
+    eager_paired_ms_median."""
+    import numpy as np
+
+    target, lo, hi = case["target_s"], case["min_reps"], case["max_reps"]
+    paired = "eager" in steps and backend != "eager"
+    if first_s < 1.0:  # warm-up (the memory call served as one for slow cases)
         for s in steps.values():
             s()
     times: dict[str, list[float]] = {b: [] for b in steps}
@@ -378,7 +392,7 @@ def _run_one(case: dict) -> dict:
             reps = int(min(hi, max(lo, round(target / max(rep_s, 1e-6)))))
         i += 1
     p20, med, p80 = np.percentile(np.array(times[backend]), [20, 50, 80]).tolist()
-    res.update(time_ms_median=med, time_ms_p20=p20, time_ms_p80=p80, reps=reps)
+    res = dict(time_ms_median=med, time_ms_p20=p20, time_ms_p80=p80, reps=reps)
     if paired:
         ratios = np.array(times["eager"]) / np.array(times[backend])
         res["speedup_vs_eager"] = float(np.median(ratios))
