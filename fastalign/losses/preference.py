@@ -9,9 +9,10 @@ The DPO variants follow TRL's `DPOTrainer.dpo_loss(chosen_logps, rejected_logps,
 ref_rejected_logps, loss_type, model_output)` of the TRL 0.x releases that have all eleven loss
 types (apo_* and discopop arrived around v0.11 / v0.12; the method lasts until the trainer rewrite):
 `label_smoothing` for sigmoid / robust / exo_pair, `RunningMoments` δ for bco_pair, `DPOConfig.
-discopop_tau = 0.05`, with `f_divergence_type="reverse_kl"` and `reference_free=False`. No single
-commit is pinned: the formulas were checked against that method's text and `DPOConfig` /
-`RunningMoments` in huggingface/trl sources. The later rewrite (`_compute_loss`, per-sequence
+discopop_tau = 0.05`, with `f_divergence_type="reverse_kl"` and `reference_free=False`. Compared
+number for number against TRL 0.19.1 (all eleven types, plus SimPO/CPO, ORPO and KTO: identical
+per-example losses and rewards) and TRL 1.16.0 in tests/losses/test_trl_parity.py, which runs
+whenever trl is installed. The later rewrite (`_compute_loss`, per-sequence
 "scores") differs: sigmoid drops label_smoothing, bco_pair drops δ, ipo divides by the completion
 length, exo_pair uses ε as given. Differences from the 0.x method, all because this is stateless:
 
