@@ -7,6 +7,7 @@ that differs: how the fused loss plugs into that training loop.
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -87,3 +88,22 @@ def hidden_and_labels(model, batch):
     """
     out = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     return out.last_hidden_state[:, :-1], batch["labels"][:, 1:]
+
+
+def base_parser(doc: str | None, steps: int, pairs: int, pairs_help: str) -> argparse.ArgumentParser:
+    """The options every example shares: --model-dir, --data, --steps, --pairs."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model-dir", default=DEFAULT_MODEL, help="HF model folder (relative: to repo root)")
+    ap.add_argument("--data", default=DEFAULT_DATA, help="JSONL of {prompt, chosen, rejected}")
+    ap.add_argument("--steps", type=int, default=steps)
+    ap.add_argument("--pairs", type=int, default=pairs, help=pairs_help)
+    return ap
+
+
+def log_step(step: int, loss: torch.Tensor, metrics: dict, suffix: str = "") -> None:
+    """One line per step; tests/test_examples.py reads the `loss` field."""
+    print(
+        f"step {step} loss {loss.item():.4f} reward_acc {metrics['accuracy'].item():.2f} "
+        f"margin {metrics['margin'].item():+.4f}{suffix}",
+        flush=True,
+    )

@@ -10,18 +10,17 @@ once, up front, under no_grad; its per-pair log-probs travel in the batch like a
 
 from __future__ import annotations
 
-import argparse
 import copy
 import math
 import tempfile
 
 import torch
 from common import (
-    DEFAULT_DATA,
-    DEFAULT_MODEL,
+    base_parser,
     collate,
     encode,
     hidden_and_labels,
+    log_step,
     read_pairs,
     resolve,
 )
@@ -95,20 +94,12 @@ class FusedDPOTrainer(Trainer):
             ref_rejected_logps=inputs["ref_rejected_logps"],
         )
         if model.training:
-            print(
-                f"step {self.state.global_step + 1} loss {loss.item():.4f} "
-                f"reward_acc {m['accuracy'].item():.2f} margin {m['margin'].item():+.4f}",
-                flush=True,
-            )
+            log_step(self.state.global_step + 1, loss, m)
         return (loss, m) if return_outputs else loss
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model-dir", default=DEFAULT_MODEL, help="HF model folder (relative: to repo root)")
-    ap.add_argument("--data", default=DEFAULT_DATA, help="JSONL of {prompt, chosen, rejected}")
-    ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--pairs", type=int, default=8, help="pairs in the dataset")
+    ap = base_parser(__doc__, steps=3, pairs=8, pairs_help="pairs in the dataset")
     ap.add_argument("--batch-pairs", type=int, default=2, help="pairs per step")
     args = ap.parse_args()
 

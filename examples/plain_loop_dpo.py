@@ -10,24 +10,19 @@ activation of DPO at real vocabulary sizes, never exist.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import math
 import time
 
 import torch
-from common import DEFAULT_DATA, DEFAULT_MODEL, hidden_and_labels, preference_batch, read_pairs, resolve
+from common import base_parser, hidden_and_labels, log_step, preference_batch, read_pairs, resolve
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fastalign.losses.fused_linear import FusedLinearPreferenceLoss
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model-dir", default=DEFAULT_MODEL, help="HF model folder (relative: to repo root)")
-    ap.add_argument("--data", default=DEFAULT_DATA, help="JSONL of {prompt, chosen, rejected}")
-    ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--pairs", type=int, default=4, help="preference pairs per batch")
+    ap = base_parser(__doc__, steps=5, pairs=4, pairs_help="preference pairs per batch")
     ap.add_argument("--lr", type=float, default=1e-3)
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -63,11 +58,7 @@ def main() -> None:
         loss.backward()
         opt.step()
         assert math.isfinite(loss.item()), f"non-finite loss at step {step}: {loss.item()}"
-        print(
-            f"step {step} loss {loss.item():.4f} reward_acc {m['accuracy'].item():.2f} "
-            f"margin {m['margin'].item():+.4f} ({time.perf_counter() - t0:.2f}s)",
-            flush=True,
-        )
+        log_step(step, loss, m, f" ({time.perf_counter() - t0:.2f}s)")
 
 
 if __name__ == "__main__":

@@ -10,14 +10,13 @@ subclass only replaces `compute_loss`: hidden states + `lm_head.weight` into
 
 from __future__ import annotations
 
-import argparse
 import copy
 import math
 import sys
 import tempfile
 
 import torch
-from common import DEFAULT_DATA, DEFAULT_MODEL, read_pairs, resolve
+from common import base_parser, log_step, read_pairs, resolve
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fastalign.losses.fused_linear import FusedLinearPreferenceLoss
@@ -55,20 +54,12 @@ class FusedLossDPOTrainer(DPOTrainer):
             ref = {"ref_hidden": ref_hidden, "ref_weight": self.ref_model.lm_head.weight}
         loss, m = self.fused_loss(hidden, body.lm_head.weight, labels, **ref)
         if model.training:
-            print(
-                f"step {self.state.global_step + 1} loss {loss.item():.4f} "
-                f"reward_acc {m['accuracy'].item():.2f} margin {m['margin'].item():+.4f}",
-                flush=True,
-            )
+            log_step(self.state.global_step + 1, loss, m)
         return (loss, m) if return_outputs else loss
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model-dir", default=DEFAULT_MODEL, help="HF model folder (relative: to repo root)")
-    ap.add_argument("--data", default=DEFAULT_DATA, help="JSONL of {prompt, chosen, rejected}")
-    ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--pairs", type=int, default=8, help="pairs in the dataset")
+    ap = base_parser(__doc__, steps=3, pairs=8, pairs_help="pairs in the dataset")
     args = ap.parse_args()
 
     model_dir = resolve(args.model_dir)
