@@ -191,29 +191,41 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
                     "ref_rejected_logps (B,), or ref_hidden (2B, T, H) and ref_weight (V, H)"
                 )
 
+        token_logps = _token_logps(hidden, weight, labels, bias, self.ignore_index, self.chunk_size)
+        if self.needs_reference and not all(given):
+            if ref_hidden.shape != hidden.shape:
+                raise ValueError(
+                    f"{op}: ref_hidden shape {tuple(ref_hidden.shape)} must equal hidden shape "
+                    f"{tuple(hidden.shape)}"
+                )
+            with torch.no_grad():
+                ref_tok = _token_logps(ref_hidden, ref_weight, labels, None, self.ignore_index, self.chunk_size)
+                ref_seq = sequence_logps(ref_tok, labels != self.ignore_index, average=self.average_log_prob)
+            ref_chosen_logps, ref_rejected_logps = ref_seq[:b], ref_seq[b:]
+        return self.loss_from_token_logps(token_logps, labels, ref_chosen_logps, ref_rejected_logps)
+
+    def loss_from_token_logps(
+        self,
+        token_logps: torch.Tensor,
+        labels: torch.Tensor,
+        ref_chosen_logps: torch.Tensor | None = None,
+        ref_rejected_logps: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The same loss from per-token log-probs (2B, T) already computed (e.g. from full logits with
+        `fastalign.ops.token_logprobs`): the unfused path shares every line of the loss math."""
+        op = type(self).__name__
+        b = token_logps.shape[0] // 2
         mask = labels != self.ignore_index
         avg = self.average_log_prob
-        token_logps = _token_logps(hidden, weight, labels, bias, self.ignore_index, self.chunk_size)
         seq = sequence_logps(token_logps, mask, average=avg)
         chosen, rejected = seq[:b], seq[b:]
         metrics: dict[str, torch.Tensor] = {}
 
         if self.needs_reference:
-            if all(given):
-                ref_c = _check_seq(op, "ref_chosen_logps", ref_chosen_logps, b).detach().to(seq.dtype)
-                ref_r = _check_seq(op, "ref_rejected_logps", ref_rejected_logps, b).detach().to(seq.dtype)
-            else:
-                if ref_hidden.shape != hidden.shape:
-                    raise ValueError(
-                        f"{op}: ref_hidden shape {tuple(ref_hidden.shape)} must equal hidden shape "
-                        f"{tuple(hidden.shape)}"
-                    )
-                with torch.no_grad():
-                    ref_tok = _token_logps(
-                        ref_hidden, ref_weight, labels, None, self.ignore_index, self.chunk_size
-                    )
-                    ref_seq = sequence_logps(ref_tok, mask, average=avg).to(seq.dtype)
-                ref_c, ref_r = ref_seq[:b], ref_seq[b:]
+            if ref_chosen_logps is None or ref_rejected_logps is None:
+                raise ValueError(f"{op}: method {self.method!r} needs ref_chosen_logps and ref_rejected_logps")
+            ref_c = _check_seq(op, "ref_chosen_logps", ref_chosen_logps, b).detach().to(seq.dtype)
+            ref_r = _check_seq(op, "ref_rejected_logps", ref_rejected_logps, b).detach().to(seq.dtype)
             losses, c_rew, r_rew = dpo_loss(
                 chosen,
                 rejected,
