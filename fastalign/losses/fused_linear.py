@@ -199,7 +199,9 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
                     f"{tuple(hidden.shape)}"
                 )
             with torch.no_grad():
-                ref_tok = _token_logps(ref_hidden, ref_weight, labels, None, self.ignore_index, self.chunk_size)
+                ref_tok = _token_logps(
+                    ref_hidden, ref_weight, labels, None, self.ignore_index, self.chunk_size
+                )
                 ref_seq = sequence_logps(ref_tok, labels != self.ignore_index, average=self.average_log_prob)
             ref_chosen_logps, ref_rejected_logps = ref_seq[:b], ref_seq[b:]
         return self.loss_from_token_logps(token_logps, labels, ref_chosen_logps, ref_rejected_logps)
@@ -223,7 +225,9 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
 
         if self.needs_reference:
             if ref_chosen_logps is None or ref_rejected_logps is None:
-                raise ValueError(f"{op}: method {self.method!r} needs ref_chosen_logps and ref_rejected_logps")
+                raise ValueError(
+                    f"{op}: method {self.method!r} needs ref_chosen_logps and ref_rejected_logps"
+                )
             ref_c = _check_seq(op, "ref_chosen_logps", ref_chosen_logps, b).detach().to(seq.dtype)
             ref_r = _check_seq(op, "ref_rejected_logps", ref_rejected_logps, b).detach().to(seq.dtype)
             losses, c_rew, r_rew = dpo_loss(

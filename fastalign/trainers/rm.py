@@ -1,0 +1,53 @@
+"""Reward modelling (Bradley–Terry) as a `Task`: a sequence-classification head (one logit) on a
+causal-LM or encoder backbone scores prompt+chosen and prompt+rejected; the loss is
+−log σ(r_c − r_r − margin) (margin from the data with `rm.use_margin`, Llama 2) plus optional reward
+centring. `rewards/accuracies` on the eval split is the held-out preference accuracy."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastalign.trainers import common
+from fastalign.trainers.loop import Task
+
+
+def build(cfg) -> Task:
+    """A reward-model Task from a `fastalign.config.RMRecipe`."""
+    from fastalign.data import PreferenceCollator
+    from fastalign.losses import bradley_terry_loss
+
+    device = common.resolve_device_for(cfg)
+    tok, model = common.load_tokenizer_and_model(cfg.model, device, reward=True)
+    train, evals, _ = common.load_datasets("preference", cfg.data, tok, cfg.train.seed, "rm")
+    if cfg.rm.use_margin and "margin" not in train[0]:
+        raise ValueError(
+            "rm.use_margin: true needs a margin column in the data (map it with data.columns.margin=...)"
+        )
+    collate = PreferenceCollator(tok.pad_token_id, packing=False)
+
+    def loss_step(batch: dict[str, Any]):
+        rewards = (
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0].float()
+        )
+        b = rewards.shape[0] // 2
+        chosen, rejected = rewards[:b], rewards[b:]
+        margin = batch.get("margin") if cfg.rm.use_margin else None
+        loss = bradley_terry_loss(chosen, rejected, margin=margin, center_coef=cfg.rm.center_coef).mean()
+        d = (chosen - rejected).detach()
+        return loss, {
+            "rewards/chosen": chosen.detach().mean(),
+            "rewards/rejected": rejected.detach().mean(),
+            "rewards/accuracies": (d > 0).float().mean(),
+            "rewards/margins": d.mean(),
+        }
+
+    return Task(
+        name="rm",
+        model=model,
+        train_data=train,
+        eval_data=evals,
+        collate=collate,
+        loss_step=loss_step,
+        export=common.export_fn(model, tok),
+        count_tokens=lambda b: int(b["attention_mask"].sum()),
+    )

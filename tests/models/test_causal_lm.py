@@ -1,0 +1,159 @@
+"""load_causal_lm / load_tokenizer / lm_head_weight / decoder_hidden_states / LoRA / checkpointing
+/ save_pretrained on the real 260K-parameter stories260k Llama."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from fastalign.models import (
+    decoder_hidden_states,
+    lm_head_weight,
+    load_causal_lm,
+    load_tokenizer,
+    resolve_attn_implementation,
+    save_pretrained,
+)
+
+SHARED = Path(__file__).resolve().parents[2].parent / "shared"
+MODEL = SHARED / "models" / "stories260k"
+pytestmark = pytest.mark.skipif(not MODEL.exists(), reason=f"needs the stories260k model at {MODEL}")
+LORA = {"r": 4, "alpha": 8, "dropout": 0.0}
+
+
+def _batch(tok):
+    enc = tok(["Once upon a time there was a cat.", "The dog ran."], return_tensors="pt", padding=True)
+    return enc["input_ids"], enc["attention_mask"]
+
+
+def _logits_from_hidden(model, ids, mask):
+    h = decoder_hidden_states(model, ids, mask)  # (B, T, H)
+    w, b = lm_head_weight(model)
+    return h, torch.nn.functional.linear(h, w, b)
+
+
+def test_tokenizer_padding():
+    tok = load_tokenizer(str(MODEL))
+    assert tok.padding_side == "right"
+    assert tok.pad_token == tok.unk_token == "<unk>"
+    ids, mask = _batch(tok)
+    assert mask[1, -1] == 0 and ids[1, -1] == tok.pad_token_id
+
+
+def test_load_forward_and_hidden_states_match_logits():
+    model = load_causal_lm(str(MODEL), dtype="float32")
+    assert model.dtype == torch.float32 and model.config._attn_implementation == "sdpa"
+    ids, mask = _batch(load_tokenizer(str(MODEL)))
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask).logits
+        h, logits = _logits_from_hidden(model, ids, mask)
+    assert h.shape == (*ids.shape, model.config.hidden_size)
+    torch.testing.assert_close(logits, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_lm_head_weight_tied_and_untied():
+    model = load_causal_lm(str(MODEL), dtype="float32")
+    w, b = lm_head_weight(model)
+    assert w is model.get_input_embeddings().weight and b is None  # tied
+    model.config.tie_word_embeddings = False
+    head = model.get_output_embeddings()
+    head.weight = torch.nn.Parameter(torch.randn_like(head.weight))
+    w, b = lm_head_weight(model)
+    assert w is head.weight and w is not model.get_input_embeddings().weight
+    ids = torch.randint(3, 512, (2, 7))
+    with torch.no_grad():
+        logits = _logits_from_hidden(model, ids, None)[1]
+        torch.testing.assert_close(logits, model(ids).logits, atol=1e-5, rtol=0)
+
+
+def test_4d_packed_mask_passes_through():
+    model = load_causal_lm(str(MODEL), dtype="float32")
+    ids = torch.randint(3, 512, (2, 6))
+    mask = torch.zeros(1, 1, 12, 12, dtype=torch.bool)  # block-diagonal causal: two packed sequences
+    for s in (0, 6):
+        mask[0, 0, s : s + 6, s : s + 6] = torch.ones(6, 6, dtype=torch.bool).tril()
+    pos = torch.arange(6).repeat(2)[None]
+    with torch.no_grad():
+        packed = decoder_hidden_states(model, ids.reshape(1, 12), mask, pos).reshape(2, 6, -1)
+        separate = decoder_hidden_states(model, ids)
+        additive = torch.where(mask, 0.0, torch.finfo(torch.float32).min)
+        packed_add = decoder_hidden_states(model, ids.reshape(1, 12), additive, pos).reshape(2, 6, -1)
+    torch.testing.assert_close(packed, separate, atol=2e-5, rtol=0)
+    torch.testing.assert_close(packed_add, separate, atol=2e-5, rtol=0)
+
+
+def test_attn_and_dtype_resolution():
+    assert resolve_attn_implementation("auto", "cpu") == "sdpa"
+    assert resolve_attn_implementation("eager") == "eager"
+    model = load_causal_lm(str(MODEL), dtype="bfloat16", attn_implementation="eager")
+    assert model.dtype == torch.bfloat16 and model.config._attn_implementation == "eager"
+    with pytest.raises(ValueError, match="dtype"):
+        load_causal_lm(str(MODEL), dtype="float8")
+
+
+def test_gradient_checkpointing_same_gradients():
+    ids = torch.randint(3, 512, (2, 9))
+    grads = []
+    for ckpt in (False, True):
+        model = load_causal_lm(str(MODEL), dtype="float32", gradient_checkpointing=ckpt)
+        model.train()
+        _, logits = _logits_from_hidden(model, ids, torch.ones_like(ids))
+        torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+        assert model.config.use_cache is (not ckpt)
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=0, msg=name)
+
+
+def test_lora_trainable_init_train_and_merged_export(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    tok = load_tokenizer(str(MODEL))
+    ids, mask = _batch(tok)
+    base = load_causal_lm(str(MODEL), dtype="float32")
+    model = load_causal_lm(str(MODEL), dtype="float32", lora=LORA, gradient_checkpointing=True)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    with torch.no_grad():
+        init = model(ids, attention_mask=mask).logits
+        torch.testing.assert_close(init, base(ids, attention_mask=mask).logits, atol=1e-6, rtol=0)
+    model.train()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    _, logits = _logits_from_hidden(model, ids, mask)
+    labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+    torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels.flatten()).backward()
+    opt.step()
+    model.eval()
+    with torch.no_grad():
+        trained = model(ids, attention_mask=mask).logits
+    assert not torch.allclose(trained, base(ids, attention_mask=mask).logits, atol=1e-4)
+
+    out = save_pretrained(model, tok, tmp_path / "export")
+    assert (out / "model.safetensors").is_file() and not list(out.glob("*.bin"))
+    assert not (out / "adapter_config.json").exists() and (out / "generation_config.json").is_file()
+    assert any("lora_" in n for n, _ in model.named_parameters())  # the live model was not merged
+    plain = AutoModelForCausalLM.from_pretrained(out, local_files_only=True)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(ids, attention_mask=mask).logits, trained, atol=1e-5, rtol=1e-5)
+    assert load_tokenizer(str(out)).pad_token_id == tok.pad_token_id
+
+
+def test_save_pretrained_cast_and_atomic_replace(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = load_causal_lm(str(MODEL), dtype="float32")
+    tok = load_tokenizer(str(MODEL))
+    out = tmp_path / "m"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    save_pretrained(model, tok, out, dtype="bfloat16")
+    assert not (out / "stale.txt").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no temp folders left behind
+    plain = AutoModelForCausalLM.from_pretrained(out, local_files_only=True)
+    assert plain.dtype == torch.bfloat16
+    ref = model.model.embed_tokens.weight.to(torch.bfloat16)
+    assert torch.equal(plain.model.embed_tokens.weight, ref)
