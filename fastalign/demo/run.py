@@ -58,7 +58,6 @@ def demo_config(out: Path, model: str, steps: int, overrides=()):
             "data.format=chat",
             "data.max_length=160",
             f"train.output_dir={out}",
-            f"data.max_rows={steps * BATCH}",  # one epoch: reference log-probs only for rows trained on
             f"train.max_steps={steps}",
             f"train.batch_size={BATCH}",
             f"train.mixed_precision={'bf16' if fast_bf16() else 'no'}",
@@ -146,16 +145,20 @@ def main(
     out = Path(out)
     pairs = build_pairs(seed=0)
     train_pairs, eval_pairs = split_pairs(pairs, eval_fraction=0.2, seed=0)
-    write_jsonl(train_pairs, out / "data" / "train.jsonl", chat=True)
+    n_steps = steps or DEMO_STEPS
+    # One epoch over the rows written: the reference log-probs are computed only for rows trained on.
+    used = train_pairs[: n_steps * BATCH]
+    write_jsonl(used, out / "data" / "train.jsonl", chat=True)
     eval_pairs = eval_pairs[:EVAL_PAIRS]
     write_jsonl(eval_pairs, out / "data" / "eval.jsonl", chat=True)
     _say(f"== fastalign demo: DPO on SmolLM2-135M-Instruct ({device_name()}) ==")
     _say(
         f"data: {len(pairs)} built-in pairs (concise + correct vs sycophantic / hedging / verbose / wrong), "
-        f"{len(train_pairs)} train, {len(eval_pairs)} held out (unseen facts) -> {out / 'data'}"
+        f"{len(train_pairs)} for training ({len(used)} used: one epoch), {len(eval_pairs)} held out "
+        f"(unseen facts) -> {out / 'data'}"
     )
 
-    cfg = demo_config(out, model, steps or DEMO_STEPS, overrides)
+    cfg = demo_config(out, model, n_steps, overrides)
     _say("loading the model and scoring the data with the initial (reference) model ...")
     task = dpo.build(cfg)
     tok, device = task.extras["tokenizer"], task.extras["device"]
@@ -176,8 +179,8 @@ def main(
     gen_before = generate(model_, tok, GENERATION_PROMPTS, device, amp)
 
     _say(
-        f"training: {cfg.train.max_steps} DPO steps x {cfg.train.batch_size} pairs, lr {cfg.train.lr}, "
-        f"{'bf16 autocast' if amp is not None else 'fp32'}, "
+        f"training: {cfg.train.max_steps} DPO ({cfg.dpo.loss_type}) steps x {cfg.train.batch_size} pairs, "
+        f"lr {cfg.train.lr}, {'bf16 autocast' if amp is not None else 'fp32'}, "
         f"beta {cfg.dpo.beta}, fused lm_head + loss (no logits in memory) "
         f"... (t={time.perf_counter() - t0:.0f}s)"
     )

@@ -123,6 +123,19 @@ def peak_memory_mb(device: torch.device) -> float:
     return float("nan")
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Start the peak-memory window here (not at model loading, whose transient peak would hide the
+    training step's): CUDA's allocator stats, or Linux's VmHWM via /proc/self/clear_refs."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 def _mean_metrics(acc: dict[str, list[tuple[float, int]]]) -> dict[str, float]:
     return {k: sum(v * w for v, w in xs) / max(1, sum(w for _, w in xs)) for k, xs in acc.items()}
 
@@ -224,8 +237,7 @@ def run(cfg, task: Task, *, logger=None) -> RunResult:
     last: dict[str, float] = {}
     eval_metrics: dict[str, float] = {}
     t_last, tokens = time.perf_counter(), 0
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    reset_peak_memory(device)
     try:
         for step in range(start_step, steps):
             acc: dict[str, list[tuple[float, int]]] = {}
