@@ -167,6 +167,15 @@ def evaluate(task: Task, batch_size: int, device: torch.device, amp: torch.dtype
     return _mean_metrics(acc)
 
 
+def _position(cfg, done: int, steps: int, n_train: int) -> dict[str, Any]:
+    """The data position, for people reading trainer_state.json (resume derives it from `step`)."""
+    micro = done * cfg.grad_accum
+    per_epoch = math.ceil(n_train / cfg.batch_size)
+    return {"total_steps": steps, "micro_batches_done": micro, "epoch": micro // per_epoch,
+            "batch_in_epoch": micro % per_epoch, "seed": cfg.seed, "batch_size": cfg.batch_size,
+            "grad_accum": cfg.grad_accum, "n_train": n_train}  # fmt: skip
+
+
 def total_steps(cfg, n_train: int) -> int:
     if cfg.max_steps is not None:
         return int(cfg.max_steps)
@@ -214,6 +223,17 @@ def run(cfg, task: Task, *, logger=None) -> RunResult:
     if resumed is not None:
         state = load_checkpoint(resumed, model, optimizer, scheduler, scaler)
         start_step = int(state["step"])
+        now = _position(cfg, start_step, steps, len(task.train_data))
+        changed = [
+            k for k in ("seed", "batch_size", "grad_accum", "n_train") if k in state and state[k] != now[k]
+        ]
+        if changed:
+            raise ValueError(
+                f"train.resume: {resumed} was written with "
+                + ", ".join(f"{k}={state[k]} (now {now[k]})" for k in changed)
+                + "; the data order would differ, so the run cannot continue exactly. Restore those "
+                "settings, or start over with train.resume=never (or another train.output_dir)."
+            )
         print(f"[{task.name}] resumed from {resumed} at step {start_step}", file=sys.stderr)
 
     owns_logger = logger is None
@@ -288,16 +308,14 @@ def run(cfg, task: Task, *, logger=None) -> RunResult:
                 eval_metrics = evaluate(task, eval_bs, device, amp)
                 logger.log(done, eval_metrics, split="eval")
             if cfg.save_every and done % cfg.save_every == 0 and done != steps:
-                save_checkpoint(
-                    out, done, model, optimizer, scheduler, {"total_steps": steps}, cfg.keep_last, scaler
-                )
+                state = _position(cfg, done, steps, len(task.train_data))
+                save_checkpoint(out, done, model, optimizer, scheduler, state, cfg.keep_last, scaler)
         if task.eval_data:
             eval_metrics = evaluate(task, eval_bs, device, amp)
             logger.log(steps, eval_metrics, split="eval")
         if cfg.save_every or resumed is not None:
-            save_checkpoint(
-                out, steps, model, optimizer, scheduler, {"total_steps": steps}, cfg.keep_last, scaler
-            )
+            state = _position(cfg, steps, steps, len(task.train_data))
+            save_checkpoint(out, steps, model, optimizer, scheduler, state, cfg.keep_last, scaler)
         if cfg.export and task.export is not None:
             task.export(out / "final")
     finally:

@@ -251,3 +251,14 @@ def test_cli_errors_name_the_key_and_the_file(tmp_path):
     )
     assert res.returncode == 2
     assert f"{bad}:2" in res.stderr, res.stderr
+
+
+def test_resume_refuses_a_changed_data_order(tmp_path):
+    """A checkpoint written with batch_size 8 cannot continue exactly with batch_size 4: clear error."""
+    common = ["data.max_rows=32", "train.save_every=1", "train.resume=auto", "train.max_steps=2"]
+    _train("sft", tmp_path, "data.format=sft", "data.columns.completion=chosen", *common)
+    state = json.loads((tmp_path / "checkpoints" / "step-00000002" / "trainer_state.json").read_text())
+    assert state["step"] == 2 and state["micro_batches_done"] == 2 and state["batch_size"] == 8
+    with pytest.raises(ValueError, match=r"batch_size=8 \(now 4\)"):
+        _train("sft", tmp_path, "data.format=sft", "data.columns.completion=chosen", *common,
+               "train.batch_size=4", "train.max_steps=4")  # fmt: skip
