@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import json
 import os
 import statistics
@@ -23,19 +24,20 @@ import time
 from pathlib import Path
 
 
-def run(out_dir: Path, data: Path, model: str, fused: bool, steps: int, batch: int, extra: list[str]) -> dict:
+def run(out_dir: Path, data: Path, model: str, fused: bool, steps: int, batch: int, extra: list) -> dict:
     cmd = [
         sys.executable, "-m", "fastalign.cli", "dpo", f"model.path={model}", f"data.train={data}",
         "data.format=chat", "data.max_length=160", f"train.output_dir={out_dir}", f"train.max_steps={steps}",
         f"train.batch_size={batch}", "train.lr=1e-6", "train.resume=never", "train.export=false",
-        "train.tensorboard=false", "dpo.precompute_ref_logps=true", f"train.fused={str(fused).lower()}", *extra,
+        "train.tensorboard=false", "dpo.precompute_ref_logps=true", f"train.fused={str(fused).lower()}",
+        *extra,
     ]  # fmt: skip
     t = time.perf_counter()
     subprocess.run(cmd, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True)
     wall = time.perf_counter() - t
     rows = [json.loads(x) for x in (out_dir / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if r["split"] == "train"]
-    times = [b["time"] - a["time"] for a, b in zip(rows, rows[1:], strict=False)]
+    times = [b["time"] - a["time"] for a, b in itertools.pairwise(rows)]
     return {
         "fused": fused,
         "steps": steps,
