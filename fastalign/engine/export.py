@@ -34,17 +34,16 @@ def consolidated_state_dict(
     module = unwrap_model(engine_or_model)
     main = is_main_process()
     out: dict[str, torch.Tensor] = {}
-    done: dict[int, torch.Tensor] = {}
+    done: dict[int, torch.Tensor | None] = {}  # on every rank: tied tensors are gathered once
     for name, t in module.state_dict(keep_vars=True).items():
-        if id(t) in done:
-            if main:
-                out[name] = done[id(t)]
-            continue
-        with gathered_params([t]) if is_zero3_param(t) else nullcontext():
-            full = t.detach().to("cpu", copy=True) if main else None
+        if id(t) not in done:
+            with gathered_params([t]) if is_zero3_param(t) else nullcontext():
+                full = t.detach().to("cpu", copy=True) if main else None
+            if full is not None and dtype is not None and full.is_floating_point():
+                full = full.to(dtype)
+            done[id(t)] = full
         if main:
-            full = full if dtype is None or not full.is_floating_point() else full.to(dtype)
-            done[id(t)] = out[name] = full
+            out[name] = done[id(t)]
     return out if main else None
 
 

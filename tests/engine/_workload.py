@@ -16,7 +16,7 @@ PAIRS_PER_RANK = 2  # DPO: 2 pairs -> 4 rows; SFT: 2 rows
 MAX_LEN = 40
 PROMPT_MAX = 16
 LR, WEIGHT_DECAY, MAX_GRAD_NORM, BETA = 1e-3, 0.01, 1.0, 0.1
-STEPS = ("sft", "dpo", "dpo", "sft")  # step i uses its kind's loss on rank-specific rows
+STEPS = ("dpo", "sft", "dpo", "sft")  # step i: its kind of loss on rank-specific rows; DPO first
 SAVE_AFTER = 2  # checkpoint after this many steps; the resume run replays the rest
 IGNORE = -100
 
@@ -29,7 +29,7 @@ def rows() -> list[dict]:
 def _encode(tok, prompt: str, completion: str) -> tuple[list[int], list[int]]:
     p = tok(prompt, add_special_tokens=False)["input_ids"][-PROMPT_MAX:]
     c = tok(completion, add_special_tokens=False)["input_ids"]
-    ids = ([tok.bos_token_id] + p + c)[:MAX_LEN]
+    ids = [tok.bos_token_id, *p, *c][:MAX_LEN]
     labels = [IGNORE] * (1 + len(p)) + c
     return ids, labels[:MAX_LEN]
 

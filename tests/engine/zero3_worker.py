@@ -13,10 +13,10 @@ import math
 import sys
 from pathlib import Path
 
+import _workload as W
 import torch
 import torch.distributed as dist
 
-import _workload as W
 from fastalign.engine import (
     build_ds_config,
     build_frozen,
@@ -45,8 +45,16 @@ def main(out: Path, mode: str) -> None:
     assert world_size() == W.WORLD, world_size()
     user = {"zero_optimization": {"stage3_param_persistence_threshold": 0, "reduce_bucket_size": "auto"}}
     ds = build_ds_config(
-        user, stage=3, batch_size=W.PAIRS_PER_RANK, grad_accum=1, max_grad_norm=W.MAX_GRAD_NORM,
-        bf16=False, lr=W.LR, weight_decay=W.WEIGHT_DECAY, betas=(0.9, 0.999), world=world_size(),
+        user,
+        stage=3,
+        batch_size=W.PAIRS_PER_RANK,
+        grad_accum=1,
+        max_grad_norm=W.MAX_GRAD_NORM,
+        bf16=False,
+        lr=W.LR,
+        weight_decay=W.WEIGHT_DECAY,
+        betas=(0.9, 0.999),
+        world=world_size(),
         hidden_size=64,
     )
     tok = load_tokenizer(str(W.MODEL))
