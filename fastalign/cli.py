@@ -1,6 +1,8 @@
 """`fastalign` command line.
 
     fastalign sft|rm|dpo|kto --config configs/dpo.yaml [key.sub=value ...]
+    torchrun --nproc_per_node N -m fastalign.cli dpo --config ...   (DeepSpeed ZeRO, `engine:` section)
+    deepspeed --num_gpus N --module fastalign.cli dpo --config ...  (CPU: DS_ACCELERATOR=cpu)
     fastalign demo [--steps N] [--out DIR]
     fastalign plot RUN_DIR [RUN_DIR ...] [--out DIR]
 
@@ -66,10 +68,14 @@ def run_recipe(method: str, config: str | None, overrides: Sequence[str], print_
 
     builders = {"sft": sft.build, "rm": rm.build, "dpo": dpo.build, "kto": kto.build}
     out = Path(cfg.train.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
+    main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun / deepspeed: rank 0 writes
+    if main_rank:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
     task = builders[method](cfg)
     result = loop.run(cfg.train, task)
+    if not main_rank:
+        return result
     summary = ", ".join(
         f"{k}={v:.4g}"
         for k, v in result.eval_metrics.items()
@@ -82,8 +88,23 @@ def run_recipe(method: str, config: str | None, overrides: Sequence[str], print_
     return result
 
 
+def _strip_local_rank(argv: Sequence[str]) -> list[str]:
+    """The `deepspeed` launcher appends `--local_rank=N` to every rank's arguments (unless
+    `--no_local_rank`); the rank is in $LOCAL_RANK too, so drop it (and keep it in the env)."""
+    out: list[str] = []
+    it = iter(argv)
+    for a in it:
+        name, eq, value = a.partition("=")
+        if name in ("--local_rank", "--local-rank"):
+            value = value if eq else next(it, "0")
+            os.environ.setdefault("LOCAL_RANK", value)
+            continue
+        out.append(a)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parser().parse_args(_strip_local_rank(sys.argv[1:] if argv is None else argv))
     try:
         if args.command in RECIPE_COMMANDS:
             run_recipe(args.command, args.config, args.overrides, args.print_config)

@@ -201,6 +201,39 @@ class TrainConfig:
 
 
 @dataclass
+class EngineConfig:
+    """Where the steps run: one process, or DeepSpeed ZeRO on every rank of a launcher
+    (`torchrun` / `deepspeed`). backend "auto" picks DeepSpeed when the launcher set WORLD_SIZE > 1.
+    Under DeepSpeed `train.batch_size` is the micro-batch *per rank* (DeepSpeed's
+    train_micro_batch_size_per_gpu): the global batch is batch_size x grad_accum x world size."""
+
+    backend: Literal["auto", "none", "deepspeed"] = "auto"
+    zero_stage: int = 3
+    offload_optimizer: Literal["none", "cpu"] = "none"
+    offload_param: Literal["none", "cpu"] = "none"
+    ds_config: str | None = None  # a DeepSpeed JSON; its "auto" fields are filled from the recipe
+
+    def validate(self) -> None:
+        _require(0 <= self.zero_stage <= 3, "zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}")
+        _require(
+            self.offload_param == "none" or self.zero_stage == 3,
+            "offload_param",
+            f"offload_param={self.offload_param!r} needs zero_stage 3, got {self.zero_stage}",
+        )
+        _require(
+            self.offload_optimizer == "none" or self.zero_stage >= 1,
+            "offload_optimizer",
+            f"offload_optimizer={self.offload_optimizer!r} needs zero_stage 1, 2 or 3, got {self.zero_stage}",
+        )
+        if self.ds_config is not None and not self.ds_config.lstrip().startswith("{"):
+            _require(
+                Path(self.ds_config).expanduser().is_file(),
+                "ds_config",
+                f"file {self.ds_config} does not exist (a DeepSpeed JSON file, or null to generate one)",
+            )
+
+
+@dataclass
 class SFTConfig:
     """Supervised fine-tuning options."""
 
@@ -282,6 +315,7 @@ class SFTRecipe:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
 
 
 @dataclass
@@ -291,6 +325,7 @@ class RMRecipe:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     rm: RMConfig = field(default_factory=RMConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
 
 
 @dataclass
@@ -300,6 +335,7 @@ class DPORecipe:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
 
 
 @dataclass
@@ -309,6 +345,7 @@ class KTORecipe:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     kto: KTOConfig = field(default_factory=KTOConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
 
 
 RECIPES: dict[str, type] = {"sft": SFTRecipe, "rm": RMRecipe, "dpo": DPORecipe, "kto": KTORecipe}

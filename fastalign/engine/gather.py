@@ -99,7 +99,8 @@ def fused_head_params(model) -> Iterator[tuple[torch.Tensor, torch.Tensor | None
     bias or None. Under ZeRO-3 both are gathered copies valid inside the block only (their
     storage is freed on exit), differentiable into the sharded parameters; the backward may run
     after the block (e.g. `engine.backward(loss)` later). Collective under ZeRO-3: every rank
-    must enter it, in the same order. Compute the hidden states before or inside the block.
+    must enter it, in the same order. Compute the hidden states BEFORE the block: computed inside it, a tied
+    input embedding gets a full-size gradient where ZeRO-3 expects its empty shard (seen in the trainers).
     Without ZeRO-3 this is `lm_head_weight(model)` (LoRA on the head folded in).
     """
     head = _head_module(model)

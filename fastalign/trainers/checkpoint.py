@@ -1,7 +1,10 @@
 """Checkpoints for exact resume: model, optimizer, scheduler, RNG states and the data position.
 
 Layout: `<output_dir>/checkpoints/step-00000012/` with `model.safetensors`, `optimizer.pt`,
-`rng.pt` and `trainer_state.json`. A checkpoint is written into `step-N.tmp/` and renamed when
+`rng.pt` and `trainer_state.json`. Under DeepSpeed (`runtime.ZeRO`) the same folder holds the
+engine's sharded `zero/` tag folder (written collectively), `rng_rank<r>.pt` per rank and
+`trainer_state.json` (with `world_size`), committed by rank 0 with the same atomic rename.
+A checkpoint is written into `step-N.tmp/` and renamed when
 complete, so a crash (even SIGKILL) mid-write leaves the previous checkpoints intact and the torn
 one is ignored (and removed) on resume. Only the last `keep_last` are kept. Everything is loaded
 with safetensors or `torch.load(weights_only=True)`: no pickled code.
@@ -93,12 +96,7 @@ def save_checkpoint(
     """Write checkpoint `step` atomically and prune to the newest `keep_last`. Returns its folder."""
     from safetensors.torch import save_model
 
-    root = checkpoint_root(output_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:08d}"
-    tmp = root / f"step-{step:08d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp = prepare_checkpoint(output_dir, step)
     save_model(model, str(tmp / "model.safetensors"))  # handles tied (shared) tensors
     torch.save(
         {
@@ -109,6 +107,25 @@ def save_checkpoint(
         tmp / "optimizer.pt",
     )
     torch.save(_rng_state(), tmp / "rng.pt")
+    return commit_checkpoint(output_dir, step, tmp, extra, keep_last)
+
+
+def prepare_checkpoint(output_dir: str | Path, step: int) -> Path:
+    """A fresh, empty `step-N.tmp/` folder to write checkpoint `step` into."""
+    root = checkpoint_root(output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f"step-{step:08d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    return tmp
+
+
+def commit_checkpoint(
+    output_dir: str | Path, step: int, tmp: Path, extra: dict[str, Any] | None, keep_last: int
+) -> Path:
+    """Write trainer_state.json into `tmp`, rename it to `step-N` and prune to `keep_last`."""
+    root = checkpoint_root(output_dir)
+    final = root / f"step-{step:08d}"
     state = {"step": step, **(extra or {})}
     with open(tmp / "trainer_state.json", "w") as f:
         json.dump(state, f, indent=1)

@@ -88,12 +88,32 @@ def holdout_split(n: int, fraction: float, seed: int) -> tuple[list[int], list[i
     return sorted(perm[n_eval:]), sorted(perm[:n_eval])
 
 
-def resolve_device_for(cfg) -> torch.device:
+def resolve_device_for(cfg, rt=None) -> torch.device:
     from fastalign.trainers.loop import resolve_device
 
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    return resolve_device(cfg.train.device)
+    return rt.device(cfg.train.device) if rt is not None else resolve_device(cfg.train.device)
+
+
+def setup(cfg, *, reward: bool = False):
+    """(runtime, device, tokenizer, policy model) of a recipe: the model is built inside the
+    runtime's `init_models()` (ZeRO-3: sharded as it loads)."""
+    from fastalign.trainers import runtime
+
+    rt = runtime.make(cfg)
+    device = resolve_device_for(cfg, rt)
+    with rt.init_models():
+        tok, model = load_tokenizer_and_model(cfg.model, device, reward=reward)
+    if rt.distributed and getattr(rt, "stage", 0) == 3:
+        held = sum(p.ds_tensor.numel() for p in model.parameters() if hasattr(p, "ds_tensor"))
+        total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+        print(
+            f"[rank {rt.rank}/{rt.world}] ZeRO-3 policy: this rank holds {held}/{total} parameter "
+            f"elements ({held / max(1, total):.3f})",
+            file=sys.stderr,
+        )
+    return rt, device, tok, model
 
 
 def load_tokenizer_and_model(mcfg, device: torch.device, *, reward: bool = False):
@@ -129,21 +149,24 @@ def load_tokenizer_and_model(mcfg, device: torch.device, *, reward: bool = False
     return tok, model
 
 
-def load_frozen_lm(path: str, mcfg, device: torch.device) -> torch.nn.Module:
-    """A frozen copy (reference model): eval mode, no gradients."""
+def load_frozen_lm(path: str, mcfg, device: torch.device, rt=None) -> torch.nn.Module:
+    """A frozen copy (reference model): eval mode, no gradients (ZeRO-3: a sharded frozen engine)."""
+    from contextlib import nullcontext
+
     from fastalign.models import load_causal_lm
 
     gguf = mcfg.gguf_file if path == mcfg.path else None
-    ref = load_causal_lm(
-        path,
-        gguf_file=gguf,
-        dtype=mcfg.dtype,
-        attn_implementation=mcfg.attn_implementation,
-        device=str(device),
-        trust_remote_code=mcfg.trust_remote_code,
-    )
+    with rt.init_models() if rt is not None else nullcontext():
+        ref = load_causal_lm(
+            path,
+            gguf_file=gguf,
+            dtype=mcfg.dtype,
+            attn_implementation=mcfg.attn_implementation,
+            device=str(device),
+            trust_remote_code=mcfg.trust_remote_code,
+        )
     ref.eval().requires_grad_(False)
-    return ref
+    return rt.frozen(ref) if rt is not None else ref
 
 
 def load_datasets(kind: str, dcfg, tokenizer, seed: int, name: str):
@@ -163,7 +186,7 @@ def load_datasets(kind: str, dcfg, tokenizer, seed: int, name: str):
             max_rows=dcfg.max_rows,
             split=dcfg.split,
         )
-        print(f"[{name}] {what} data {source}: {report.summary()}", file=sys.stderr)
+        _log(f"[{name}] {what} data {source}: {report.summary()}")
         return examples, report
 
     if not dcfg.train:
@@ -178,15 +201,19 @@ def load_datasets(kind: str, dcfg, tokenizer, seed: int, name: str):
     return Rows(train, tr_idx), Rows(train, ev_idx), report
 
 
-def export_fn(model: torch.nn.Module, tokenizer) -> Callable[[Path], None]:
-    def export(out_dir: Path) -> None:
-        from fastalign.models import save_pretrained
+def _log(msg: str) -> None:
+    from fastalign.trainers.runtime import log
 
-        save_pretrained(model, tokenizer, out_dir)
-        print(
-            f"saved the trained model to {out_dir} (loads with transformers .from_pretrained)",
-            file=sys.stderr,
-        )
+    log(msg)
+
+
+def export_fn(model: torch.nn.Module, tokenizer, rt=None) -> Callable[[Path], None]:
+    """The final export: a plain transformers folder (collective under ZeRO; rank 0 writes)."""
+
+    def export(out_dir: Path) -> None:
+        from fastalign.trainers.runtime import Local
+
+        (rt or Local()).export(model, tokenizer, out_dir)
 
     return export
 
@@ -220,17 +247,28 @@ def shifted_labels(batch: dict[str, Any]) -> torch.Tensor:
     return labels[:, 1:]
 
 
+def head_params(model):
+    """`with head_params(model) as (weight, bias)`: the lm_head for the fused losses — gathered
+    under ZeRO-3 (collective; compute the loss inside the block), else `lm_head_weight(model)`."""
+    from fastalign.engine import fused_head_params
+
+    return fused_head_params(model)
+
+
 def hidden_states(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
-    """(R, T-1, H) last hidden states predicting `shifted_labels(batch)`, without logits."""
-    from fastalign.models import decoder_hidden_states
+    """(R, T-1, H) last hidden states predicting `shifted_labels(batch)`, without logits.
+
+    `model` may be a DeepSpeed engine: its root forward runs (lm_head skipped), as ZeRO-3 needs."""
+    if type(model).__name__ == "DeepSpeedEngine":
+        from fastalign.engine import hidden_states as forward
+    else:
+        from fastalign.models import decoder_hidden_states as forward
 
     if "seq_id" in batch:
-        h = decoder_hidden_states(
-            model, batch["input_ids"], _packed_mask(model, batch), batch["position_ids"]
-        )
+        h = forward(model, batch["input_ids"], _packed_mask(model, batch), batch["position_ids"])
         h = _unpack(batch, h, 0.0)
     else:
-        h = decoder_hidden_states(model, batch["input_ids"], batch["attention_mask"])
+        h = forward(model, batch["input_ids"], batch["attention_mask"])
     return h[:, :-1]
 
 
@@ -254,11 +292,11 @@ def token_logps(
     """Per-token fp32 log-probs (R, T-1) (0 at ignored positions) and the shifted labels."""
     labels = shifted_labels(batch)
     if fused:
-        from fastalign.models import lm_head_weight
         from fastalign.ops import linear_logprobs
 
-        weight, bias = lm_head_weight(model)
-        return linear_logprobs(hidden_states(model, batch), weight, labels, bias=bias), labels
+        hidden = hidden_states(model, batch)  # before the head is gathered (ZeRO-3 forward hooks)
+        with head_params(model) as (weight, bias):
+            return linear_logprobs(hidden, weight, labels, bias=bias), labels
     logits = full_logits(model, batch).float()
     safe = labels.clamp(min=0).unsqueeze(-1)
     logp = torch.log_softmax(logits, dim=-1).gather(-1, safe).squeeze(-1)
@@ -296,10 +334,12 @@ def precompute_sequence_logps(
     rows_per_example: int,
     desc: str,
     amp: torch.dtype | None = None,
+    write: bool = True,
 ) -> dict[int, torch.Tensor]:
     """{example index: (rows_per_example,) float64 log-probs} for every example, from `cache_file`
     when its fingerprint (data tokens, reference model, settings, precision) matches, else computed
-    once with `score(batch) -> (rows,)` and saved (atomically)."""
+    once with `score(batch) -> (rows,)` and saved (atomically; only when `write`: under a launcher
+    every rank scores every row, so the ZeRO-3 gathers match, and rank 0 alone writes)."""
     from safetensors.torch import load_file, save_file
 
     fp = _fingerprint(data, keys, extra)
@@ -314,7 +354,7 @@ def precompute_sequence_logps(
     idx_all, vals = [], []
     n = len(data)
     bar = None
-    if sys.stderr.isatty():
+    if sys.stderr.isatty() and write:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=n, desc=desc, dynamic_ncols=True)
@@ -332,6 +372,8 @@ def precompute_sequence_logps(
     if bar is not None:
         bar.close()
     logps = torch.cat(vals)
+    if not write:
+        return dict(zip(idx_all, logps, strict=True))
     cache_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache_file.with_suffix(".tmp")
     save_file({"index": torch.tensor(idx_all), "logps": logps}, str(tmp), metadata={"fingerprint": fp})

@@ -40,14 +40,24 @@ def make_loss_module(dcfg):
     )
 
 
-def reference_scorer(cfg, model, device, average: bool) -> Callable[[dict[str, Any]], torch.Tensor]:
+def reference_scorer(cfg, model, device, average: bool, rt=None) -> Callable[[dict[str, Any]], torch.Tensor]:
     """batch -> (rows,) reference sequence log-probs, without gradients.
 
     With `precompute_ref_logps` and no separate reference, the policy itself scores the data
-    before its first step (it *is* the reference then), so no second copy is ever loaded."""
+    before its first step (it *is* the reference then), so no second copy is ever loaded.
+    Under ZeRO-3 the policy cannot run before its engine exists, and LoRA's disabled-adapter
+    forward bypasses the engine: the reference is always a frozen sharded engine there."""
     fused = cfg.train.fused
     section = getattr(cfg, cfg.method)
     reference = section.reference
+    if getattr(rt, "stage", None) == 3:
+        ref = common.load_frozen_lm(reference or cfg.model.path, cfg.model, device, rt)
+
+        def score_frozen(batch):
+            with torch.no_grad():
+                return common.sequence_logps_of(ref, batch, fused, average)
+
+        return score_frozen
     if reference is None and section.precompute_ref_logps and not cfg.model.lora.r:
 
         def score_initial(batch):
@@ -76,7 +86,7 @@ def reference_scorer(cfg, model, device, average: bool) -> Callable[[dict[str, A
 
 
 def cached_reference(
-    cfg, score, data_sets, collate, device, keys, rows_per_example, average
+    cfg, score, data_sets, collate, device, keys, rows_per_example, average, rt=None
 ) -> dict[int, torch.Tensor]:
     extra = {
         "reference": getattr(cfg, cfg.method).reference or cfg.model.path,
@@ -89,7 +99,10 @@ def cached_reference(
     }
     amp = autocast_dtype(cfg.train.mixed_precision, device)
     data = common.Concat([d for d in data_sets if d])
-    return common.precompute_sequence_logps(
+    main = rt is None or rt.is_main
+    if rt is not None:
+        rt.barrier()  # every rank sees the same cache file (or none) before deciding to score
+    cache = common.precompute_sequence_logps(
         data,
         collate,
         score,
@@ -101,7 +114,11 @@ def cached_reference(
         rows_per_example=rows_per_example,
         desc="reference log-probs",
         amp=amp,
+        write=main,
     )
+    if rt is not None:
+        rt.barrier()
+    return cache
 
 
 def from_cache(cache: dict[int, torch.Tensor], batch: dict[str, Any], device) -> torch.Tensor:
@@ -132,18 +149,17 @@ def build(cfg) -> Task:
     """A DPO-family Task from a `fastalign.config.DPORecipe`."""
     from fastalign.data import PreferenceCollator
 
-    device = common.resolve_device_for(cfg)
-    tok, model = common.load_tokenizer_and_model(cfg.model, device)
+    rt, device, tok, model = common.setup(cfg)
     train, evals, _ = common.load_datasets("preference", cfg.data, tok, cfg.train.seed, "dpo")
     collate = PreferenceCollator(tok.pad_token_id, packing=cfg.data.packing)
     loss_mod = make_loss_module(cfg.dpo)
     fused, avg = cfg.train.fused, loss_mod.average_log_prob
 
-    score_ref = reference_scorer(cfg, model, device, avg) if loss_mod.needs_reference else None
+    score_ref = reference_scorer(cfg, model, device, avg, rt) if loss_mod.needs_reference else None
     cache: dict[int, torch.Tensor] | None = None
     if score_ref is not None and cfg.dpo.precompute_ref_logps:
         keys = ("prompt_ids", "chosen_ids", "rejected_ids")
-        cache = cached_reference(cfg, score_ref, (train, evals), collate, device, keys, 2, avg)
+        cache = cached_reference(cfg, score_ref, (train, evals), collate, device, keys, 2, avg, rt)
         score_ref = None  # frees the reference model: training needs no reference forward
 
     def loss_step(batch: dict[str, Any]):
@@ -156,15 +172,14 @@ def build(cfg) -> Task:
             b = ref.shape[0] // 2
             ref_c, ref_r = ref[:b], ref[b:]
         labels = common.shifted_labels(batch)
+        fwd = rt.forward_module(model)  # the DeepSpeed engine under a launcher
         if fused:
-            from fastalign.models import lm_head_weight
-
-            weight, bias = lm_head_weight(model)
-            hidden = common.hidden_states(model, batch)
             kw = {"ref_chosen_logps": ref_c, "ref_rejected_logps": ref_r} if loss_mod.needs_reference else {}
-            loss, m = loss_mod(hidden, weight, labels, bias=bias, **kw)
+            hidden = common.hidden_states(fwd, batch)
+            with common.head_params(fwd) as (weight, bias):
+                loss, m = loss_mod(hidden, weight, labels, bias=bias, **kw)
         else:
-            logp, labels = common.token_logps(model, batch, fused=False)
+            logp, labels = common.token_logps(fwd, batch, fused=False)
             loss, m = loss_mod.loss_from_token_logps(logp, labels, ref_c, ref_r)
         return loss, metrics_from(loss_mod, m, labels)
 
@@ -175,7 +190,8 @@ def build(cfg) -> Task:
         eval_data=evals,
         collate=collate,
         loss_step=loss_step,
-        export=common.export_fn(model, tok),
+        export=common.export_fn(model, tok, rt),
+        runtime=rt,
         count_tokens=lambda b: int(b["input_ids"].numel() if "seq_id" in b else b["attention_mask"].sum()),
         extras={"tokenizer": tok, "loss_module": loss_mod, "ref_cache": cache, "device": device},
     )

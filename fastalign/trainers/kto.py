@@ -8,7 +8,6 @@ reference's KL log-probs can be cached with `kto.precompute_ref_logps` like the 
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -48,7 +47,7 @@ def load_kto_data(cfg, tok):
         if "format undetected" not in str(e) or cfg.data.format not in ("auto", "preference", "hh", "chat"):
             raise
     train, evals, _ = common.load_datasets("preference", cfg.data, tok, cfg.train.seed, "kto")
-    print("[kto] preference pairs unpaired: chosen -> desirable, rejected -> undesirable", file=sys.stderr)
+    common._log("[kto] preference pairs unpaired: chosen -> desirable, rejected -> undesirable")
     return Unpaired(train), (Unpaired(evals) if evals else None)
 
 
@@ -96,8 +95,7 @@ def build(cfg) -> Task:
     """A KTO Task from a `fastalign.config.KTORecipe`."""
     from fastalign.losses import FusedLinearKTOLoss, kto_loss, sequence_logps
 
-    device = common.resolve_device_for(cfg)
-    tok, model = common.load_tokenizer_and_model(cfg.model, device)
+    rt, device, tok, model = common.setup(cfg)
     train, evals = load_kto_data(cfg, tok)
     train, evals = WithPartner(train), (WithPartner(evals) if evals else None)
     collate = KTOBatches(tok.pad_token_id)
@@ -106,11 +104,11 @@ def build(cfg) -> Task:
         beta=kcfg.beta, desirable_weight=kcfg.desirable_weight, undesirable_weight=kcfg.undesirable_weight
     )
 
-    score_ref = reference_scorer(cfg, model, device, average=False)
+    score_ref = reference_scorer(cfg, model, device, average=False, rt=rt)
     cache = None
     if kcfg.precompute_ref_logps:
         keys = ("prompt_ids", "completion_ids", "kl_completion_ids")
-        cache = cached_reference(cfg, score_ref, (train, evals), collate, device, keys, 2, False)
+        cache = cached_reference(cfg, score_ref, (train, evals), collate, device, keys, 2, False, rt)
         score_ref = None
 
     def loss_step(batch: dict[str, Any]):
@@ -123,20 +121,19 @@ def build(cfg) -> Task:
             ref_main, ref_kl = ref[:b], ref[b:]
         labels = common.shifted_labels(batch)
         desirable = batch["desirable"]
+        fwd = rt.forward_module(model)  # the DeepSpeed engine under a launcher
         if fused:
-            from fastalign.models import lm_head_weight
-
-            weight, bias = lm_head_weight(model)
-            hidden = common.hidden_states(model, batch)  # (2B, T-1, H): main rows, then KL rows
-            with torch.no_grad():
-                kl_pol = loss_mod._seq(hidden[b:].detach(), weight.detach(), labels[b:], bias)
-                z0 = (kl_pol - ref_kl.to(kl_pol.dtype)).mean().clamp(min=0)
-            loss, m = loss_mod(
-                hidden[:b], weight, labels[:b], desirable, bias=bias, ref_logps=ref_main, kl_ref_point=z0
-            )
+            hidden = common.hidden_states(fwd, batch)  # (2B, T-1, H): main rows, then KL rows
+            with common.head_params(fwd) as (weight, bias):
+                with torch.no_grad():
+                    kl_pol = loss_mod._seq(hidden[b:].detach(), weight.detach(), labels[b:], bias)
+                    z0 = (kl_pol - ref_kl.to(kl_pol.dtype)).mean().clamp(min=0)
+                loss, m = loss_mod(
+                    hidden[:b], weight, labels[:b], desirable, bias=bias, ref_logps=ref_main, kl_ref_point=z0
+                )
             rewards, policy = m["rewards"], m["logps"]
         else:
-            logp, labels = common.token_logps(model, batch, fused=False)
+            logp, labels = common.token_logps(fwd, batch, fused=False)
             seq = sequence_logps(logp, labels != common.IGNORE)
             policy = seq[:b]
             z0 = (seq[b:].detach() - ref_kl.to(seq.dtype)).mean().clamp(min=0)
@@ -169,6 +166,7 @@ def build(cfg) -> Task:
         eval_data=evals,
         collate=collate,
         loss_step=loss_step,
-        export=common.export_fn(model, tok),
+        export=common.export_fn(model, tok, rt),
+        runtime=rt,
         count_tokens=lambda b: int(b["attention_mask"][: b["desirable"].shape[0]].sum()),
     )

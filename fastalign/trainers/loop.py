@@ -25,13 +25,7 @@ from typing import Any
 
 import torch
 
-from fastalign.trainers.checkpoint import (
-    checkpoint_root,
-    find_resume_point,
-    list_checkpoints,
-    load_checkpoint,
-    save_checkpoint,
-)
+from fastalign.trainers.checkpoint import checkpoint_root, find_resume_point, list_checkpoints
 
 LossStep = Callable[[dict[str, Any]], tuple[torch.Tensor, Mapping[str, torch.Tensor | float]]]
 
@@ -57,6 +51,7 @@ class Task:
     extras: dict[str, Any] = field(
         default_factory=dict
     )  # recipe objects callers may want (tokenizer, caches)
+    runtime: Any = None  # fastalign.trainers.runtime.Local (None) or ZeRO: where the steps run
 
 
 @dataclass
@@ -146,6 +141,11 @@ def _add(acc: dict[str, list[tuple[float, int]]], metrics: Mapping[str, Any], we
         acc.setdefault(k, []).append((v, weight))
 
 
+def _weight(acc: dict[str, list[tuple[float, int]]]) -> int:
+    """Examples behind this rank's step metrics (0 when every slice was padding)."""
+    return sum(w for _, w in acc.get("loss", []))
+
+
 def _batch_size(batch: dict[str, Any]) -> int:
     return int(batch["index"].numel()) if "index" in batch else 1
 
@@ -176,22 +176,34 @@ def _position(cfg, done: int, steps: int, n_train: int) -> dict[str, Any]:
             "grad_accum": cfg.grad_accum, "n_train": n_train}  # fmt: skip
 
 
-def total_steps(cfg, n_train: int) -> int:
+def total_steps(cfg, n_train: int, world: int = 1) -> int:
+    """Optimizer steps of the run (`world` ranks each take `batch_size` rows per micro-batch)."""
     if cfg.max_steps is not None:
         return int(cfg.max_steps)
-    micro = math.ceil(n_train / cfg.batch_size) * cfg.epochs
+    micro = math.ceil(n_train / (cfg.batch_size * world)) * cfg.epochs
     return max(1, math.ceil(micro / cfg.grad_accum))
 
 
-def run(cfg, task: Task, *, logger=None) -> RunResult:
-    """Train `task` with the `train:` section `cfg` (fastalign.config.TrainConfig)."""
-    from fastalign.trainers.metrics import MetricsLogger
+def _ndim(p: torch.Tensor) -> int:
+    return len(p.ds_shape) if hasattr(p, "ds_shape") else p.dim()  # ZeRO-3: p itself is a 0-size shard
 
+
+def run(cfg, task: Task, *, logger=None) -> RunResult:
+    """Train `task` with the `train:` section `cfg` (fastalign.config.TrainConfig).
+
+    Under a `ZeRO` runtime (`task.runtime`) every rank runs this same loop: micro-batch k is the
+    global batch of `batch_size × world` rows and each rank trains on its slice (`rows_of`);
+    logged metrics are means over ranks, written by rank 0 only."""
+    from fastalign.trainers.metrics import MetricsLogger
+    from fastalign.trainers.runtime import Local
+
+    rt = task.runtime or Local()
+    say = (lambda msg: print(msg, file=sys.stderr)) if rt.is_main else (lambda msg: None)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = resolve_device(cfg.device)
+    device = rt.device(cfg.device)
     amp = autocast_dtype(cfg.mixed_precision, device)
     if len(task.train_data) == 0:
         raise ValueError(f"{task.name}: the training set is empty")
@@ -202,26 +214,33 @@ def run(cfg, task: Task, *, logger=None) -> RunResult:
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError(f"{task.name}: the model has no trainable parameters")
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
+    decay = [p for p in params if _ndim(p) >= 2]
+    no_decay = [p for p in params if _ndim(p) < 2]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg.lr,
         betas=tuple(cfg.adam_betas),
     )
-    steps = total_steps(cfg, len(task.train_data))
+    steps = total_steps(cfg, len(task.train_data), rt.world)
     warmup = cfg.warmup_steps or int(cfg.warmup_ratio * steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(cfg.schedule, warmup, steps, cfg.min_lr_ratio)
     )
     scaler = torch.amp.GradScaler(device.type) if amp == torch.float16 else None
+    rt.prepare(model, optimizer, scheduler, grad_accum=cfg.grad_accum, max_grad_norm=cfg.max_grad_norm,
+               scaler=scaler)  # fmt: skip
 
-    start_step, resumed = 0, find_resume_point(out, cfg.resume)
-    if cfg.resume == "never" and list_checkpoints(out):
-        print(f"[{task.name}] train.resume=never: replacing the old checkpoints in {out}", file=sys.stderr)
-        shutil.rmtree(checkpoint_root(out))
+    start_step, resumed = 0, None
+    if rt.is_main:  # rank 0 cleans torn / old checkpoints first; the others look after it
+        resumed = find_resume_point(out, cfg.resume)
+        if cfg.resume == "never" and list_checkpoints(out):
+            say(f"[{task.name}] train.resume=never: replacing the old checkpoints in {out}")
+            shutil.rmtree(checkpoint_root(out))
+    rt.barrier()
+    if not rt.is_main:
+        resumed = find_resume_point(out, cfg.resume)
     if resumed is not None:
-        state = load_checkpoint(resumed, model, optimizer, scheduler, scaler)
+        state = rt.load(resumed)
         start_step = int(state["step"])
         now = _position(cfg, start_step, steps, len(task.train_data))
         changed = [
@@ -234,11 +253,11 @@ def run(cfg, task: Task, *, logger=None) -> RunResult:
                 + "; the data order would differ, so the run cannot continue exactly. Restore those "
                 "settings, or start over with train.resume=never (or another train.output_dir)."
             )
-        print(f"[{task.name}] resumed from {resumed} at step {start_step}", file=sys.stderr)
+        say(f"[{task.name}] resumed from {resumed} at step {start_step}")
 
     owns_logger = logger is None
     if logger is None:
-        logger = MetricsLogger(out, tensorboard=cfg.tensorboard)
+        logger = MetricsLogger(out, tensorboard=cfg.tensorboard, enabled=rt.is_main)
     if resumed is not None:
         logger.truncate_after(start_step)
     elif start_step == 0 and (out / "metrics.jsonl").exists():
@@ -248,7 +267,8 @@ def run(cfg, task: Task, *, logger=None) -> RunResult:
         task.on_train_start()
 
     bar = None
-    if (cfg.progress and sys.stderr.isatty()) or os.environ.get("FASTALIGN_PROGRESS") == "1":
+    show = (cfg.progress and sys.stderr.isatty()) or os.environ.get("FASTALIGN_PROGRESS") == "1"
+    if show and rt.is_main:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=steps, initial=start_step, desc=task.name, dynamic_ncols=True)
@@ -261,9 +281,12 @@ def run(cfg, task: Task, *, logger=None) -> RunResult:
     try:
         for step in range(start_step, steps):
             acc: dict[str, list[tuple[float, int]]] = {}
+            lr = rt.scheduler.get_last_lr()[0]
             for j in range(cfg.grad_accum):
                 k = step * cfg.grad_accum + j
-                rows_idx = micro_batch_indices(len(task.train_data), cfg.batch_size, cfg.seed, k)
+                n_rows = cfg.batch_size * rt.world  # the global micro-batch; each rank takes its slice
+                global_rows = micro_batch_indices(len(task.train_data), n_rows, cfg.seed, k)
+                rows_idx, real = rt.rows_of(global_rows, cfg.batch_size)
                 batch = to_device(task.collate([task.train_data[i] for i in rows_idx]), device)
                 with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
                     loss, metrics = task.loss_step(batch)
@@ -272,32 +295,25 @@ def run(cfg, task: Task, *, logger=None) -> RunResult:
                         f"[{task.name}] non-finite loss {float(loss)} at step {step + 1} "
                         f"(rows {rows_idx[:8]})"
                     )
-                scaled = loss / cfg.grad_accum
-                (scaler.scale(scaled) if scaler else scaled).backward()
-                _add(acc, {"loss": loss, **metrics}, _batch_size(batch))
-                tokens += task.count_tokens(batch)
-            if scaler:
-                scaler.unscale_(optimizer)
-            max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else float("inf")
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-            lr = scheduler.get_last_lr()[0]
-            if scaler:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
+                rt.backward(loss if real else loss * 0.0)  # a padding slice (short last batch) adds 0
+                rt.micro_step()
+                _add(acc, {"loss": loss, **metrics}, _batch_size(batch) if real else 0)
+                tokens += task.count_tokens(batch) if real else 0
+            grad_norm = rt.step()
             done = step + 1
 
             last = _mean_metrics(acc)
+            if rt.distributed:
+                last = rt.mean_over_ranks(last, _weight(acc))
             last.update(grad_norm=float(grad_norm), lr=lr)
             if done % cfg.log_every == 0 or done == steps:
                 now = time.perf_counter()
+                if rt.distributed:  # tokens of all ranks
+                    tokens = rt.mean_over_ranks({"t": float(tokens)}, 1.0)["t"] * rt.world
                 last.update(
                     tokens_per_s=tokens / max(now - t_last, 1e-9),
                     peak_mem_mb=peak_memory_mb(device),
-                    epoch=done * cfg.grad_accum * cfg.batch_size / len(task.train_data),
+                    epoch=done * cfg.grad_accum * cfg.batch_size * rt.world / len(task.train_data),
                 )
                 t_last, tokens = now, 0
                 logger.log(done, last)
@@ -309,13 +325,13 @@ def run(cfg, task: Task, *, logger=None) -> RunResult:
                 logger.log(done, eval_metrics, split="eval")
             if cfg.save_every and done % cfg.save_every == 0 and done != steps:
                 state = _position(cfg, done, steps, len(task.train_data))
-                save_checkpoint(out, done, model, optimizer, scheduler, state, cfg.keep_last, scaler)
+                rt.save(out, done, state, cfg.keep_last)
         if task.eval_data:
             eval_metrics = evaluate(task, eval_bs, device, amp)
             logger.log(steps, eval_metrics, split="eval")
         if cfg.save_every or resumed is not None:
             state = _position(cfg, steps, steps, len(task.train_data))
-            save_checkpoint(out, steps, model, optimizer, scheduler, state, cfg.keep_last, scaler)
+            rt.save(out, steps, state, cfg.keep_last)
         if cfg.export and task.export is not None:
             task.export(out / "final")
     finally:

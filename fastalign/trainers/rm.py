@@ -16,8 +16,7 @@ def build(cfg) -> Task:
     from fastalign.data import PreferenceCollator
     from fastalign.losses import bradley_terry_loss
 
-    device = common.resolve_device_for(cfg)
-    tok, model = common.load_tokenizer_and_model(cfg.model, device, reward=True)
+    rt, _, tok, model = common.setup(cfg, reward=True)
     train, evals, _ = common.load_datasets("preference", cfg.data, tok, cfg.train.seed, "rm")
     if cfg.rm.use_margin and "margin" not in train[0]:
         raise ValueError(
@@ -26,9 +25,9 @@ def build(cfg) -> Task:
     collate = PreferenceCollator(tok.pad_token_id, packing=False)
 
     def loss_step(batch: dict[str, Any]):
-        rewards = (
-            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0].float()
-        )
+        fwd = rt.forward_module(model)
+        out = fwd(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        rewards = out.logits[:, 0].float()
         b = rewards.shape[0] // 2
         chosen, rejected = rewards[:b], rewards[b:]
         margin = batch.get("margin") if cfg.rm.use_margin else None
@@ -48,6 +47,7 @@ def build(cfg) -> Task:
         eval_data=evals,
         collate=collate,
         loss_step=loss_step,
-        export=common.export_fn(model, tok),
+        export=common.export_fn(model, tok, rt),
+        runtime=rt,
         count_tokens=lambda b: int(b["attention_mask"].sum()),
     )

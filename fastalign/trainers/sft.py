@@ -14,8 +14,7 @@ def build(cfg) -> Task:
     """An SFT Task from a `fastalign.config.SFTRecipe`."""
     from fastalign.data import SFTCollator
 
-    device = common.resolve_device_for(cfg)
-    tok, model = common.load_tokenizer_and_model(cfg.model, device)
+    rt, _, tok, model = common.setup(cfg)
     train, evals, _ = common.load_datasets("sft", cfg.data, tok, cfg.train.seed, "sft")
     if not cfg.sft.completion_only:
         train, evals = common.AllTokens(train), (common.AllTokens(evals) if evals else None)
@@ -23,7 +22,7 @@ def build(cfg) -> Task:
     fused = cfg.train.fused
 
     def loss_step(batch: dict[str, Any]):
-        logp, labels = common.token_logps(model, batch, fused)  # (R, T-1)
+        logp, labels = common.token_logps(rt.forward_module(model), batch, fused)  # (R, T-1)
         mask = labels != common.IGNORE
         n = mask.sum().clamp(min=1)
         nll = -(logp * mask).sum() / n
@@ -36,5 +35,6 @@ def build(cfg) -> Task:
         eval_data=evals,
         collate=collate,
         loss_step=loss_step,
-        export=common.export_fn(model, tok),
+        export=common.export_fn(model, tok, rt),
+        runtime=rt,
     )
