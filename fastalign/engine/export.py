@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -53,17 +51,14 @@ def export_hf(engine_or_model, tokenizer, out_dir: str | os.PathLike, dtype: str
     keeps the training dtype. Written beside `out_dir` and renamed into place (never half-written).
     Collective; every rank returns the resolved path after the write has finished."""
     from fastalign.models import resolve_dtype, unwrap_model
+    from fastalign.models.export import atomic_folder
 
     cast = None if dtype is None else resolve_dtype(dtype)
     state = consolidated_state_dict(engine_or_model, dtype=cast)
     out = Path(out_dir).expanduser().resolve()
     if is_main_process():
-        if out.exists() and not out.is_dir():
-            raise ValueError(f"export_hf: {out} exists and is not a folder")
         base = unwrap_model(engine_or_model)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-        try:
+        with atomic_folder(out, "export_hf") as tmp:
             base.save_pretrained(str(tmp), state_dict=state)
             written = next(iter(state.values())).dtype if cast is None else cast
             cfg_file = tmp / "config.json"
@@ -72,15 +67,5 @@ def export_hf(engine_or_model, tokenizer, out_dir: str | os.PathLike, dtype: str
             cfg_file.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
             if tokenizer is not None:
                 tokenizer.save_pretrained(str(tmp))
-            old = None
-            if out.exists():
-                old = out.with_name(f".{out.name}.old-{os.getpid()}")
-                out.rename(old)
-            tmp.rename(out)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     barrier()
     return out

@@ -13,6 +13,8 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -83,13 +85,8 @@ def save_pretrained(
 
     from fastalign.models.reward import VALUE_HEAD_FILE, ValueHeadModel
 
-    out = Path(out_dir).expanduser().resolve()
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"save_pretrained: {out} exists and is not a folder")
     cast = None if dtype is None else resolve_dtype(dtype)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_folder(out_dir, "save_pretrained") as tmp:
         if isinstance(model, ValueHeadModel):
             _write_model(model.backbone, tmp, merge_lora=merge_lora, dtype=cast)
             head = model.value_head.state_dict()
@@ -99,6 +96,21 @@ def save_pretrained(
             _write_model(model, tmp, merge_lora=merge_lora, dtype=cast)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
+    return Path(out_dir).expanduser().resolve()
+
+
+@contextmanager
+def atomic_folder(out_dir: str | os.PathLike, op: str) -> Iterator[Path]:
+    """Yield a temporary sibling folder of `out_dir` to write into; on success it replaces
+    `out_dir` (the old one is moved aside, then removed), on any error it is deleted, so readers
+    never see a half-written model folder."""
+    out = Path(out_dir).expanduser().resolve()
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{op}: {out} exists and is not a folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
         old = None
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
@@ -109,4 +121,3 @@ def save_pretrained(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
