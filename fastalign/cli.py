@@ -1,6 +1,8 @@
 """`fastalign` command line.
 
-    fastalign sft|rm|dpo|kto --config configs/dpo.yaml [key.sub=value ...]
+    fastalign sft|rm|dpo|kto|ppo|grpo|online-dpo --config configs/dpo.yaml [key.sub=value ...]
+    fastalign cai revise|label --config configs/cai_revise.yaml [key=value ...]
+    fastalign launch --hostfile hostfile --num_nodes 2 -- dpo --config ...  (checks, then deepspeed)
     torchrun --nproc_per_node N -m fastalign.cli dpo --config ...   (DeepSpeed ZeRO, `engine:` section)
     deepspeed --num_gpus N --module fastalign.cli dpo --config ...  (CPU: DS_ACCELERATOR=cpu)
     fastalign demo [--steps N] [--out DIR]
@@ -18,24 +20,47 @@ import os
 import sys
 from collections.abc import Sequence
 
-RECIPE_COMMANDS = ("sft", "rm", "dpo", "kto")
+# command -> help; a recipe runs `fastalign.trainers.<command with - as _>`: its `run(cfg)` when it
+# has one (rollout recipes own their outer loop), else `loop.run(cfg.train, build(cfg))`.
+RECIPE_HELP = {
+    "sft": "supervised fine-tuning",
+    "rm": "Bradley-Terry reward model",
+    "dpo": "DPO family: every DPO loss type, IPO, SimPO, ORPO",
+    "kto": "KTO on unpaired desirable/undesirable completions",
+    "ppo": "PPO with policy, reference, reward and value models",
+    "grpo": "GRPO / Dr. GRPO / RLOO: group advantages, no value model",
+    "online-dpo": "online / iterative DPO on the policy's own ranked samples",
+}
+RECIPE_COMMANDS = tuple(RECIPE_HELP)
+
+
+def _add_config_args(r: argparse.ArgumentParser) -> None:
+    r.add_argument("--config", "-c", help="YAML config (see configs/); omitted: defaults + overrides")
+    r.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.lr=1e-5")
+    r.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fastalign", description="Fast, memory-frugal preference alignment.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, help_text in (
-        ("sft", "supervised fine-tuning"),
-        ("rm", "Bradley-Terry reward model"),
-        ("dpo", "DPO family: every DPO loss type, IPO, SimPO, ORPO"),
-        ("kto", "KTO on unpaired desirable/undesirable completions"),
-    ):
+    for name, help_text in RECIPE_HELP.items():
         r = sub.add_parser(name, help=help_text, description=f"fastalign {name}: {help_text}.")
-        r.add_argument("--config", "-c", help="YAML recipe (see configs/); omitted: defaults + overrides")
-        r.add_argument(
-            "overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.lr=1e-5"
+        _add_config_args(r)
+    cai = sub.add_parser("cai", help="Constitutional AI: critique -> revision data, AI preference labels")
+    cai_sub = cai.add_subparsers(dest="cai_command", required=True, metavar="STEP")
+    for name, help_text in (
+        ("revise", "generate, critique and revise responses against a constitution (SFT rows + traces)"),
+        ("label", "AI preference labels from a feedback model (soft chosen/rejected rows)"),
+    ):
+        _add_config_args(
+            cai_sub.add_parser(name, help=help_text, description=f"fastalign cai {name}: {help_text}.")
         )
-        r.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    la = sub.add_parser(
+        "launch",
+        help="check a multi-node setup (hostfile, nodes) and start the deepspeed launcher",
+        description="fastalign launch [launcher args] -- COMMAND ...: validates, then runs deepspeed.",
+    )
+    la.add_argument("launch_args", nargs=argparse.REMAINDER, metavar="ARGS")
     d = sub.add_parser("demo", help="DPO on SmolLM2-135M-Instruct with the built-in preference data")
     d.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo)")
     d.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's own)")
@@ -62,18 +87,22 @@ def run_recipe(method: str, config: str | None, overrides: Sequence[str], print_
 
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
         return None
+    import importlib
     from pathlib import Path
 
-    from fastalign.trainers import dpo, kto, loop, rm, sft
+    from fastalign.trainers import loop
 
-    builders = {"sft": sft.build, "rm": rm.build, "dpo": dpo.build, "kto": kto.build}
+    recipe = importlib.import_module(f"fastalign.trainers.{method.replace('-', '_')}")
     out = Path(cfg.train.output_dir)
     main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun / deepspeed: rank 0 writes
     if main_rank:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
-    task = builders[method](cfg)
-    result = loop.run(cfg.train, task)
+    if hasattr(recipe, "run"):
+        result, name = recipe.run(cfg), method
+    else:
+        task = recipe.build(cfg)
+        result, name = loop.run(cfg.train, task), task.name
     if not main_rank:
         return result
     summary = ", ".join(
@@ -81,10 +110,7 @@ def run_recipe(method: str, config: str | None, overrides: Sequence[str], print_
         for k, v in result.eval_metrics.items()
         if k.startswith(("loss", "rewards/acc", "rewards/mar", "nll"))
     )
-    print(
-        f"[{task.name}] done: {result.steps} steps; run folder {out}"
-        + (f"; eval {summary}" if summary else "")
-    )
+    print(f"[{name}] done: {result.steps} steps; run folder {out}" + (f"; eval {summary}" if summary else ""))
     return result
 
 
@@ -108,6 +134,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command in RECIPE_COMMANDS:
             run_recipe(args.command, args.config, args.overrides, args.print_config)
+        elif args.command == "cai":
+            from fastalign.cai.cli import run as cai_run
+
+            cai_run(args.cai_command, args.config, args.overrides, args.print_config)
+        elif args.command == "launch":
+            from fastalign.engine.launch import main as launch_main
+
+            return launch_main(args.launch_args)
         elif args.command == "demo":
             from fastalign.demo.run import main as demo_main
 

@@ -212,6 +212,9 @@ class EngineConfig:
     offload_optimizer: Literal["none", "cpu"] = "none"
     offload_param: Literal["none", "cpu"] = "none"
     ds_config: str | None = None  # a DeepSpeed JSON; its "auto" fields are filled from the recipe
+    # per-rank budget for model states (GiB) checked before loading; None: the device's memory
+    # (GPU) or the machine's available RAM divided by the local ranks (CPU)
+    memory_limit_gb: float | None = None
 
     def validate(self) -> None:
         _require(0 <= self.zero_stage <= 3, "zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}")
@@ -225,12 +228,47 @@ class EngineConfig:
             "offload_optimizer",
             f"offload_optimizer={self.offload_optimizer!r} needs zero_stage 1, 2 or 3, got {self.zero_stage}",
         )
+        _require(
+            self.memory_limit_gb is None or self.memory_limit_gb > 0,
+            "memory_limit_gb",
+            f"must be > 0 GiB (or null for the device's memory), got {self.memory_limit_gb}",
+        )
         if self.ds_config is not None and not self.ds_config.lstrip().startswith("{"):
             _require(
                 Path(self.ds_config).expanduser().is_file(),
                 "ds_config",
                 f"file {self.ds_config} does not exist (a DeepSpeed JSON file, or null to generate one)",
             )
+
+
+@dataclass
+class GenerationConfig:
+    """Sampling from a policy (rollouts, Constitutional AI). top_k 0 and top_p 1.0 switch those
+    filters off; `stop` strings end a response (it keeps the stop string); EOS always does.
+    Under ZeRO-3, zero_mode "gather" gathers the full parameters once per generation phase,
+    "synced" generates on the sharded model (all ranks step together, `synced_gpus`), "auto"
+    gathers when the full model fits in memory."""
+
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    do_sample: bool = True
+    stop: list[str] = field(default_factory=list)
+    batch_size: int = 16  # prompts per generate() call
+    zero_mode: Literal["auto", "gather", "synced"] = "auto"
+
+    def validate(self) -> None:
+        _require(self.max_new_tokens >= 1, "max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
+        _require(
+            math.isfinite(self.temperature) and self.temperature > 0,
+            "temperature",
+            f"must be a finite number > 0, got {self.temperature}",
+        )
+        _require(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")
+        _require(self.top_k >= 0, "top_k", f"must be >= 0 (0 = off), got {self.top_k}")
+        _require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        _require(all(isinstance(x, str) and x for x in self.stop), "stop", "must be non-empty strings")
 
 
 @dataclass
