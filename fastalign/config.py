@@ -148,6 +148,9 @@ class TrainConfig:
     tensorboard: bool = True
     progress: bool = True
     export: bool = True
+    # dtype of the exported weights: "auto" keeps the training dtype (fp32 master weights under
+    # bf16 autocast); bfloat16 / float16 halve the folder
+    export_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
 
     def validate(self) -> None:
         _require(self.output_dir != "", "output_dir", "must not be empty")

@@ -210,10 +210,10 @@ def _log(msg: str) -> None:
 def export_fn(model: torch.nn.Module, tokenizer, rt=None) -> Callable[[Path], None]:
     """The final export: a plain transformers folder (collective under ZeRO; rank 0 writes)."""
 
-    def export(out_dir: Path) -> None:
+    def export(out_dir: Path, dtype: str | None = None) -> None:
         from fastalign.trainers.runtime import Local
 
-        (rt or Local()).export(model, tokenizer, out_dir)
+        (rt or Local()).export(model, tokenizer, out_dir, dtype=dtype)
 
     return export
 

@@ -45,7 +45,7 @@ class Task:
     collate: Callable[[list[dict]], dict[str, Any]]
     loss_step: LossStep
     eval_data: Sequence[dict] | None = None
-    export: Callable[[Path], None] | None = None  # writes the final model (HF folder)
+    export: Callable[..., None] | None = None  # export(out_dir, dtype=None): the final HF folder
     count_tokens: Callable[[dict[str, Any]], int] = field(default=lambda b: int(b["labels"].ne(-100).sum()))
     on_train_start: Callable[[], None] | None = None
     extras: dict[str, Any] = field(
@@ -333,7 +333,7 @@ def run(cfg, task: Task, *, logger=None) -> RunResult:
             state = _position(cfg, steps, steps, len(task.train_data))
             rt.save(out, steps, state, cfg.keep_last)
         if cfg.export and task.export is not None:
-            task.export(out / "final")
+            task.export(out / "final", dtype=None if cfg.export_dtype == "auto" else cfg.export_dtype)
     finally:
         if bar is not None:
             bar.close()

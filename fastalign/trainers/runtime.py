@@ -114,10 +114,10 @@ class Local:
 
         return load_checkpoint(path, self.model, self.optimizer, self.scheduler, self.scaler)
 
-    def export(self, model, tokenizer, out_dir: Path) -> None:
+    def export(self, model, tokenizer, out_dir: Path, dtype: str | None = None) -> None:
         from fastalign.models import save_pretrained
 
-        save_pretrained(model, tokenizer, out_dir)
+        save_pretrained(model, tokenizer, out_dir, dtype=dtype)
         print(
             f"saved the trained model to {out_dir} (loads with transformers .from_pretrained)",
             file=sys.stderr,
@@ -269,12 +269,12 @@ class ZeRO(Local):
             _set_rng_state(torch.load(rng, weights_only=True))
         return state
 
-    def export(self, model, tokenizer, out_dir: Path) -> None:
+    def export(self, model, tokenizer, out_dir: Path, dtype: str | None = None) -> None:
         from fastalign.engine import export_hf
 
         if hasattr(model, "peft_config"):
             raise ValueError("engine.backend=deepspeed: exporting a LoRA model is not supported yet")
-        export_hf(self.forward_module(model), tokenizer, out_dir)  # collective; rank 0 writes
+        export_hf(self.forward_module(model), tokenizer, out_dir, dtype=dtype)  # collective; rank 0 writes
         log(f"saved the trained model to {out_dir} (loads with transformers .from_pretrained)")
 
     def mean_over_ranks(self, metrics: Mapping[str, float], weight: float) -> dict[str, float]:

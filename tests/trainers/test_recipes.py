@@ -161,8 +161,18 @@ def test_export_reloads_in_plain_transformers(tmp_path):
         torch.testing.assert_close(reloaded(ids).logits, task.model(ids).logits, rtol=0, atol=1e-5)
     assert (tmp_path / "dpo" / "final" / "model.safetensors").exists()
 
-    task, _, _ = _train("rm", tmp_path / "rm", "train.max_steps=3", "train.export=true")
-    rm = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm" / "final")
+    task, _, _ = _train(
+        "rm", tmp_path / "rm", "train.max_steps=3", "train.export=true", "train.export_dtype=bfloat16"
+    )
+    assert json.loads((tmp_path / "rm" / "final" / "config.json").read_text())["dtype"] == "bfloat16"
+    rm = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm" / "final", dtype=torch.float32)
+    task.model.eval()
+    with torch.no_grad():  # bf16 weights: the reload matches a bf16-rounded copy of the trained model
+        for p in task.model.parameters():
+            p.copy_(p.to(torch.bfloat16).float())
+        torch.testing.assert_close(rm(ids).logits, task.model(ids).logits, rtol=0, atol=1e-5)
+    task, _, _ = _train("rm", tmp_path / "rm32", "train.max_steps=3", "train.export=true")
+    rm = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm32" / "final")
     task.model.eval()
     with torch.no_grad():
         torch.testing.assert_close(rm(ids).logits, task.model(ids).logits, rtol=0, atol=1e-5)
