@@ -8,5 +8,5 @@ from setuptools import find_packages, setup
 setup(
     packages=[*find_packages(include=["fastalign", "fastalign.*"]), "fastalign.kernels", "fastalign.csrc"],
     package_dir={"fastalign.kernels": "kernels", "fastalign.csrc": "csrc"},
-    package_data={"fastalign.csrc": ["*.cpp", "*.h"]},
+    package_data={"fastalign.csrc": ["*.cpp", "*.h"], "fastalign.cai": ["*.yaml"]},
 )
