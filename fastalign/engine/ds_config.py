@@ -119,10 +119,10 @@ def build_ds_config(
     No "optimizer" section is generated: fastalign builds torch AdamW and hands it to
     `deepspeed.initialize` — except with `offload_optimizer="cpu"`, where the ZeRO-Offload step
     needs DeepSpeed's own CPU Adam (an "optimizer" section AdamW with the recipe's lr, betas,
-    eps, weight_decay is added; `build_trainable` then must get `optimizer=None`). A user
-    "scheduler" section is rejected: the recipe owns the schedule. `hidden_size` fills the
-    Hugging Face style "auto" bucket sizes of ZeRO-3 (h², 0.9·h², persistence 10·h); without it
-    such keys fall back to DeepSpeed's defaults.
+    eps, weight_decay is added; `build_trainable` then takes only the torch optimizer's parameter
+    groups, or None). A user "scheduler" section is rejected: the recipe owns the schedule.
+    `hidden_size` fills the Hugging Face style "auto" bucket sizes of ZeRO-3 (h², 0.9·h²,
+    persistence 10·h); without it such keys fall back to DeepSpeed's defaults.
     """
     cfg, where = _load_user(user_json)
     if int(stage) not in (0, 1, 2, 3):

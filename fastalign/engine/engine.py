@@ -65,39 +65,107 @@ def _check_cpu_adam() -> None:
         ) from e
 
 
+def _rope_in_fp32(model: torch.nn.Module) -> None:
+    """Recompute Hugging Face rotary `inv_freq` buffers that `zero.Init` built in bf16.
+
+    zero.Init casts every floating tensor a constructor makes to the training dtype, so under bf16
+    `torch.arange(..., dtype=torch.float)` in the rotary __init__ yields bf16 frequencies (0.1001
+    for 0.1): positions drift and the engine's logits differ from the same weights in plain
+    transformers, which keeps these fp32 (its rotary forward computes in fp32 on purpose).
+    DeepSpeed's `keep_in_fp32_modules` would cast them back, but the precision is already gone.
+    Here, outside zero.Init, the module's own init function recomputes them in fp32."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    for m in model.modules():
+        inv = getattr(m, "inv_freq", None)
+        if not isinstance(inv, torch.Tensor) or inv.dtype == torch.float32 or not hasattr(m, "rope_type"):
+            continue
+        default = getattr(m, "compute_default_rope_parameters", None)
+        fn = default if m.rope_type == "default" and default else ROPE_INIT_FUNCTIONS[m.rope_type]
+        fresh, _ = fn(m.config)  # (head_dim / 2,) fp32
+        m.inv_freq = fresh.to(inv.device)
+        if isinstance(getattr(m, "original_inv_freq", None), torch.Tensor):
+            m.original_inv_freq = fresh.clone().to(inv.device)
+
+
+@contextmanager
+def _buffers_kept(model: torch.nn.Module):
+    """Put the module's buffers back as they were after `deepspeed.initialize`.
+
+    A bf16 engine casts the whole module, buffers included (`module.bfloat16()`): RoPE's fp32
+    `inv_freq` becomes bf16 (0.1001 for 0.1), positions drift, and the engine's logits differ from
+    the same weights in plain transformers, which keeps such buffers fp32 (its rotary forward
+    computes in fp32 on purpose). The cast makes new tensors, so the old ones are intact."""
+    before = dict(model.named_buffers())
+    yield
+    for name, buf in list(model.named_buffers()):
+        old = before.get(name)
+        if old is not None and old is not buf and old.dtype != buf.dtype:
+            owner, _, attr = name.rpartition(".")
+            model.get_submodule(owner)._buffers[attr] = old.to(buf.device)
+
+
 def build_trainable(model: torch.nn.Module, ds: dict, optimizer=None, lr_scheduler=None):
     """`deepspeed.initialize` for a policy / value model -> (engine, optimizer, lr_scheduler).
 
     `optimizer` is the torch optimizer fastalign built over `model`'s trainable parameters (ZeRO
-    wraps it and keeps its state sharded), or None when the config has an "optimizer" section
-    (offload_optimizer: cpu: DeepSpeedCPUAdam). `lr_scheduler` (a torch scheduler over that
-    optimizer, or a callable optimizer -> scheduler) is stepped by `engine.step()` and saved in
-    checkpoints. The engine is in train mode."""
+    wraps it and keeps its state sharded). When the config has an "optimizer" section
+    (offload_optimizer: cpu) DeepSpeed builds its CPU Adam itself: a torch optimizer given then
+    only lends its parameter groups (each group's weight_decay, e.g. none on norms and biases),
+    so the offloaded run does the same AdamW maths; with None every trainable parameter is one
+    group with the config's weight_decay. `lr_scheduler` (a torch scheduler, or a callable
+    optimizer -> scheduler) is stepped by `engine.step()` and saved in checkpoints; a LambdaLR
+    over the lending optimizer is rebuilt over DeepSpeed's. The engine is in train mode."""
     import deepspeed
 
     from fastalign.engine.ds_config import ds_builds_optimizer
 
-    if ds_builds_optimizer(ds):
-        if optimizer is not None:
-            raise ValueError(
-                "build_trainable: the deepspeed config has an 'optimizer' section (offload_optimizer: "
-                "cpu), so DeepSpeed builds the optimizer; pass optimizer=None"
-            )
-        _check_cpu_adam()
-    elif optimizer is None:
-        raise ValueError("build_trainable: pass a torch optimizer (the deepspeed config has no 'optimizer')")
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("build_trainable: the model has no trainable parameters")
-    engine, opt, _, sched = deepspeed.initialize(
-        model=model,
-        optimizer=optimizer,
-        model_parameters=params if optimizer is None else None,
-        lr_scheduler=lr_scheduler,
-        config=ds,
-    )
+    model_parameters = None
+    if ds_builds_optimizer(ds):
+        _check_cpu_adam()
+        model_parameters = params if optimizer is None else _groups_of(optimizer)
+        lr_scheduler = _rebind_scheduler(lr_scheduler, optimizer)
+        optimizer = None
+    elif optimizer is None:
+        raise ValueError("build_trainable: pass a torch optimizer (the deepspeed config has no 'optimizer')")
+    _rope_in_fp32(model)
+    with _buffers_kept(model):
+        engine, opt, _, sched = deepspeed.initialize(
+            model=model,
+            optimizer=optimizer,
+            model_parameters=model_parameters,
+            lr_scheduler=lr_scheduler,
+            config=ds,
+        )
     engine.train()
     return engine, opt, sched
+
+
+def _groups_of(optimizer) -> list[dict]:
+    """The torch optimizer's parameter groups as DeepSpeed `model_parameters` (params and weight
+    decay; lr, betas and eps come from the config's "optimizer" section, filled from the recipe)."""
+    groups = [
+        {"params": list(g["params"]), "weight_decay": g["weight_decay"]} for g in optimizer.param_groups
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def _rebind_scheduler(lr_scheduler, optimizer):
+    """A scheduler for DeepSpeed's own optimizer: callables pass through; a LambdaLR built over the
+    torch optimizer that only lent its groups becomes `optimizer -> LambdaLR(optimizer, same lambda)`."""
+    if lr_scheduler is None or callable(lr_scheduler):
+        return lr_scheduler
+    if isinstance(lr_scheduler, torch.optim.lr_scheduler.LambdaLR) and lr_scheduler.optimizer is optimizer:
+        lams = lr_scheduler.lr_lambdas  # one per torch group; the usual single lambda is repeated
+        lam = lams[0] if len({id(f) for f in lams}) == 1 else lams
+        return lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lam)
+    raise ValueError(
+        "build_trainable: with offload_optimizer: cpu DeepSpeed builds the optimizer, so pass the "
+        f"scheduler as a callable optimizer -> scheduler (or a LambdaLR), not a {type(lr_scheduler).__name__}"
+    )
 
 
 def build_frozen(model: torch.nn.Module, ds: dict):
@@ -110,7 +178,9 @@ def build_frozen(model: torch.nn.Module, ds: dict):
 
     model.requires_grad_(False)
     model.eval()
-    engine, *_ = deepspeed.initialize(model=model, config=frozen_ds_config(ds))
+    _rope_in_fp32(model)
+    with _buffers_kept(model):
+        engine, *_ = deepspeed.initialize(model=model, config=frozen_ds_config(ds))
     engine.eval()
     return engine
 

@@ -1,10 +1,13 @@
 """Consolidated weights of a (possibly ZeRO-3 sharded) engine, and a plain Hugging Face export.
 
 Parameters are gathered one at a time (a collective on every rank) and copied to CPU on rank 0
-only, so the peak extra memory on any rank is one full parameter, never the model. What is
-consolidated is the module's parameters as trained (bf16 when training in bf16); the fp32 master
-weights of a bf16 run live in the optimizer's checkpoint (`zero_to_fp32.py` on the
-`save_checkpoint` folder).
+only, so the peak extra memory on any rank is one full parameter, never the model.
+
+Under bf16 mixed precision DeepSpeed's module holds bf16 copies; the weights the optimizer
+updates are its fp32 master partitions. Those are what is consolidated for a trainable
+parameter (then cast to `dtype`), so "keep the training dtype" means fp32 as in a one-process
+bf16-autocast run, and a bfloat16 export is the master weights rounded once — bit-equal to the
+engine's bf16 parameters, which DeepSpeed refreshes from the masters the same way each step.
 """
 
 from __future__ import annotations
@@ -25,8 +28,9 @@ def consolidated_state_dict(
 ) -> dict[str, torch.Tensor] | None:
     """The full state dict on rank 0 (CPU tensors, cast to `dtype` if given), None on other ranks.
 
-    Collective: every rank must call it. Tied weights appear under each of their names (sharing
-    one tensor), as in `module.state_dict()`."""
+    A trainable low-precision parameter contributes its fp32 master weight (see the module
+    docstring). Collective: every rank must call it. Tied weights appear under each of their
+    names (sharing one tensor), as in `module.state_dict()`."""
     from fastalign.models import unwrap_model
 
     module = unwrap_model(engine_or_model)
@@ -35,8 +39,12 @@ def consolidated_state_dict(
     done: dict[int, torch.Tensor | None] = {}  # on every rank: tied tensors are gathered once
     for name, t in module.state_dict(keep_vars=True).items():
         if id(t) not in done:
-            with gathered_params([t]) if is_zero3_param(t) else nullcontext():
-                full = t.detach().to("cpu", copy=True) if main else None
+            full = _full_master(t)
+            if full is not None:
+                full = full.detach().to("cpu", copy=True) if main else None
+            else:
+                with gathered_params([t]) if is_zero3_param(t) else nullcontext():
+                    full = t.detach().to("cpu", copy=True) if main else None
             if full is not None and dtype is not None and full.is_floating_point():
                 full = full.to(dtype)
             done[id(t)] = full
@@ -45,10 +53,24 @@ def consolidated_state_dict(
     return out if main else None
 
 
+def _full_master(t: torch.Tensor) -> torch.Tensor | None:
+    """The full fp32 master weight of a trainable bf16/fp16 DeepSpeed parameter (collective under
+    ZeRO-3: an all-gather of the fp32 partitions), None for anything else (fp32 training — the
+    module's parameter *is* the master —, frozen engines, buffers, plain models)."""
+    if not isinstance(t, torch.nn.Parameter) or t.dtype == torch.float32 or not t.requires_grad:
+        return None
+    if not (hasattr(t, "_z3_optimizer") or hasattr(t, "_hp_mapping")):
+        return None
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    return safe_get_full_fp32_param(t)
+
+
 def export_hf(engine_or_model, tokenizer, out_dir: str | os.PathLike, dtype: str | torch.dtype | None = None):
     """Rank 0 writes a plain transformers folder (config.json, model.safetensors, tokenizer files)
     from the consolidated weights; `dtype` ("float32" / "bfloat16" / "float16") casts them, None
-    keeps the training dtype. Written beside `out_dir` and renamed into place (never half-written).
+    keeps the training dtype (fp32 under bf16 mixed precision: the master weights). Written
+    beside `out_dir` and renamed into place (never half-written).
     Collective; every rank returns the resolved path after the write has finished."""
     from fastalign.models import resolve_dtype, unwrap_model
     from fastalign.models.export import atomic_folder
