@@ -1,9 +1,13 @@
 """PNG training curves from a run's metrics.jsonl (one figure per metric group).
 
-Groups: "loss" (loss + nll), "rewards" (rewards/*), "logps" (logps/*), then grad_norm, lr,
-tokens_per_s, peak_mem_mb, and every other numeric key grouped by its prefix before "/" (a key
-without "/" is its own group). Train series are lines; eval series are lines with markers.
-`plot_runs` overlays several runs per group (e.g. fused vs unfused), one colour per run.
+Groups: "loss" (loss + nll), the rollout recipes' curves (PPO / GRPO / online DPO): "reward"
+(reward/*: reward/mean with a ±reward/std band, reward/raw_mean with ±reward/raw_std, the other
+reward/* lines), "kl" (kl, with kl_coef on a second y axis), entropy, response_length, eos_rate,
+clipfrac, approx_kl, value_loss, explained_var; then "rewards" (rewards/*), "logps" (logps/*),
+grad_norm, lr, tokens_per_s, peak_mem_mb, and every other numeric key grouped by its prefix before
+"/" (a key without "/" is its own group). Absent metrics draw nothing (no empty figures). Train
+series are lines; eval series are lines with markers. `plot_runs` overlays several runs per group
+(e.g. fused vs unfused), one colour per run.
 
 matplotlib is imported inside the functions (the CLI imports this module at startup) and used
 through `matplotlib.figure.Figure`, which renders with Agg and touches no global pyplot state.
@@ -20,7 +24,31 @@ from fastalign.trainers.metrics import METRICS_FILE, read_metrics
 
 _FIXED_GROUPS = {"loss": "loss", "nll": "loss", "grad_norm": "grad_norm", "lr": "lr"}
 _FIXED_GROUPS.update(tokens_per_s="tokens_per_s", peak_mem_mb="peak_mem_mb")
-_GROUP_ORDER = ("loss", "rewards", "logps", "grad_norm", "lr", "tokens_per_s", "peak_mem_mb")
+_FIXED_GROUPS.update(
+    {
+        "kl_coef": "kl",
+        "response/length": "response_length",
+        "response/eos_rate": "eos_rate",
+        "policy/clipfrac": "clipfrac",
+        "policy/approx_kl": "approx_kl",
+        "value/loss": "value_loss",
+        "value/explained_var": "explained_var",
+    }
+)
+_ROLLOUT_GROUPS = ("reward", "kl", "entropy", "response_length", "eos_rate", "clipfrac", "approx_kl")
+_ROLLOUT_GROUPS += ("value_loss", "explained_var")
+_GROUP_ORDER = (
+    "loss",
+    *_ROLLOUT_GROUPS,
+    "rewards",
+    "logps",
+    "grad_norm",
+    "lr",
+    "tokens_per_s",
+    "peak_mem_mb",
+)
+_BANDS = {"reward/mean": "reward/std", "reward/raw_mean": "reward/raw_std"}  # mean key -> its std key
+_SECONDARY_AXIS = ("kl_coef",)  # a coefficient next to the quantity it controls, on its own scale
 _NOT_METRICS = ("step", "split", "time")
 _LINESTYLES = ("-", "--", ":", "-.")
 
@@ -80,11 +108,45 @@ def _filename(group: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", group) + ".png"
 
 
-def _draw(ax, steps: list[int], values: list[float], split: str, **style) -> None:
+def _draw(ax, steps: list[int], values: list[float], split: str, **style):
     if split == "train":
-        ax.plot(steps, values, linewidth=1.2, **style)
-    else:
-        ax.plot(steps, values, marker="o", markersize=4, linewidth=1.0, alpha=0.9, **style)
+        return ax.plot(steps, values, linewidth=1.2, **style)[0]
+    return ax.plot(steps, values, marker="o", markersize=4, linewidth=1.0, alpha=0.9, **style)[0]
+
+
+def _band(ax, mean: tuple[list[int], list[float]], std: tuple[list[int], list[float]], color) -> None:
+    """Shade mean ± std over the steps where both were logged."""
+    std_at = dict(zip(*std, strict=True))
+    pts = [(x, m, std_at[x]) for x, m in zip(*mean, strict=True) if x in std_at]
+    if pts:
+        xs, ms, ss = zip(*pts, strict=True)
+        lo = [m - s for m, s in zip(ms, ss, strict=True)]
+        hi = [m + s for m, s in zip(ms, ss, strict=True)]
+        ax.fill_between(xs, lo, hi, color=color, alpha=0.2, linewidth=0)
+
+
+def _draw_group(axes: dict, by_key: dict, label: str = "", style_of=lambda key: {}) -> None:
+    """One run's series of a group: std keys as bands around their means, kl_coef on a twin axis
+    (created once per figure in `axes["twin"]`)."""
+    drawn_as_band = {std for mean, std in _BANDS.items() if mean in by_key}
+    for key in [k for k in by_key if k not in drawn_as_band]:
+        ax = axes["main"]
+        if key in _SECONDARY_AXIS:
+            if axes.get("twin") is None:
+                axes["twin"] = axes["main"].twinx()
+                axes["twin"].set_ylabel(key)
+            ax = axes["twin"]
+        std_key = _BANDS.get(key) if _BANDS.get(key) in by_key else None
+        for split, series in sorted(by_key[key].items(), key=lambda kv: kv[0] != "train"):
+            name = f"{label}{split}/{key}" + (f" ± {std_key}" if std_key and split in by_key[std_key] else "")
+            line = _draw(ax, *series, split, label=name, **style_of(key))
+            if std_key and split in by_key[std_key]:
+                _band(ax, series, by_key[std_key][split], line.get_color())
+
+
+def _legend(axes: dict) -> None:
+    lines = axes["main"].get_lines() + (axes["twin"].get_lines() if axes.get("twin") is not None else [])
+    axes["main"].legend(lines, [ln.get_label() for ln in lines], fontsize="small")
 
 
 def _save(fig, path: Path) -> Path:
@@ -115,10 +177,9 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
     written = []
     for group in _ordered(set(series)):
         fig, ax = _figure(group, f"{Path(run_dir).name}: {group}")
-        for key, by_split in series[group].items():
-            for split, (steps, values) in sorted(by_split.items(), key=lambda kv: kv[0] != "train"):
-                _draw(ax, steps, values, split, label=f"{split}/{key}")
-        ax.legend(fontsize="small")
+        axes = {"main": ax}
+        _draw_group(axes, series[group])
+        _legend(axes)
         written.append(_save(fig, out / _filename(group)))
     return written
 
@@ -136,12 +197,15 @@ def plot_runs(run_dirs: Sequence[str | Path], out_dir: str | Path) -> list[Path]
     written = []
     for group in _ordered(set().union(*loaded)):
         fig, ax = _figure(group, f"{group}: {' vs '.join(names)}")
+        axes = {"main": ax}
         keys = sorted({k for s in loaded for k in s.get(group, {})})
         for i, (name, series) in enumerate(zip(names, loaded, strict=True)):
-            for j, key in enumerate(keys):
-                for split, (steps, values) in series.get(group, {}).get(key, {}).items():
-                    style = {"color": f"C{i % 10}", "linestyle": _LINESTYLES[j % len(_LINESTYLES)]}
-                    _draw(ax, steps, values, split, label=f"{name} {split}/{key}", **style)
-        ax.legend(fontsize="small")
+            by_key = {k: series[group][k] for k in keys if k in series.get(group, {})}
+            style = lambda key, i=i, keys=keys: {
+                "color": f"C{i % 10}",
+                "linestyle": _LINESTYLES[keys.index(key) % len(_LINESTYLES)],
+            }
+            _draw_group(axes, by_key, f"{name} ", style)
+        _legend(axes)
         written.append(_save(fig, Path(out_dir) / _filename(group)))
     return written

@@ -43,6 +43,7 @@ def write_run(run_dir, steps: int = 6, scale: float = 1.0) -> None:
 
 EXPECTED = [
     "loss",
+    "kl",
     "rewards",
     "logps",
     "grad_norm",
@@ -50,7 +51,6 @@ EXPECTED = [
     "tokens_per_s",
     "peak_mem_mb",
     "epoch",
-    "kl",
 ]
 
 
@@ -157,7 +157,7 @@ def test_plot_runs_overlays(tmp_path, monkeypatch):
     with MetricsLogger(tmp_path / "extra", tensorboard=False) as logger:
         logger.log(1, {"loss": 1.0, "only_here": 3.0})
     paths = plot_runs([tmp_path / "fused", tmp_path / "unfused", tmp_path / "extra"], tmp_path / "cmp")
-    assert [p.stem for p in paths] == [*EXPECTED[:-2], "epoch", "kl", "only_here"]
+    assert [p.stem for p in paths] == [*EXPECTED, "only_here"]
     for p in paths:
         assert_png(p)
         assert p.parent == tmp_path / "cmp"
@@ -172,3 +172,101 @@ def test_plot_runs_same_leaf_names(tmp_path):
     write_run(tmp_path / "b" / "run")
     paths = plot_runs([tmp_path / "a" / "run", tmp_path / "b" / "run"], tmp_path / "cmp")
     assert [p.stem for p in paths] == EXPECTED
+
+
+ROLLOUT_GROUPS = [
+    "loss",
+    "reward",
+    "kl",
+    "entropy",
+    "response_length",
+    "eos_rate",
+    "clipfrac",
+    "approx_kl",
+    "value_loss",
+    "explained_var",
+    "grad_norm",
+    "lr",
+]
+
+
+def write_rollout_run(run_dir, steps: int = 8, value: bool = True) -> None:
+    """Synthetic PPO metrics with every rollout name of the shared contract (GRPO: value=False)."""
+    with MetricsLogger(run_dir, tensorboard=False) as logger:
+        for step in range(1, steps + 1):
+            m = {
+                "loss": 1.0 / step,
+                "reward/mean": 0.1 * step,
+                "reward/std": 0.05,
+                "reward/raw_mean": 0.2 * step,
+                "reward/raw_std": 0.1,
+                "kl": 0.3 * step,
+                "kl_coef": 0.05 * (1 + 0.01 * step),
+                "entropy": 2.0 - 0.1 * step,
+                "response/length": 10.0 + step,
+                "response/eos_rate": min(1.0, 0.1 * step),
+                "policy/clipfrac": 0.01 * step,
+                "policy/approx_kl": 0.001 * step,
+                "lr": 1e-6,
+                "grad_norm": 1.0,
+            }
+            if value:
+                m |= {"value/loss": 2.0 / step, "value/explained_var": 0.1 * step}
+            logger.log(step, m)
+
+
+def test_plot_rollout_metrics(tmp_path, monkeypatch):
+    """The rollout curves get their own figures: reward mean with a ±std band, KL with kl_coef on a
+    second axis, and one PNG each for entropy, length, EOS rate, clipfrac, approx_kl, value metrics."""
+    from matplotlib.figure import Figure
+
+    seen: dict[str, dict] = {}
+    real_savefig = Figure.savefig
+
+    def spy(fig, path, **kw):
+        seen[str(path).rsplit("/", 1)[-1]] = {
+            "lines": [{ln.get_label(): list(ln.get_ydata()) for ln in ax.get_lines()} for ax in fig.axes],
+            "bands": len(fig.axes[0].collections),
+        }
+        return real_savefig(fig, path, **kw)
+
+    monkeypatch.setattr(Figure, "savefig", spy)
+    write_rollout_run(tmp_path / "ppo")
+    paths = plot_run(tmp_path / "ppo")
+    assert [p.stem for p in paths] == ROLLOUT_GROUPS
+    for p in paths:
+        assert_png(p)
+    reward = seen["reward.png"]
+    assert set(reward["lines"][0]) == {
+        "train/reward/mean ± reward/std",
+        "train/reward/raw_mean ± reward/raw_std",
+    }  # std keys are bands, not lines
+    assert reward["bands"] == 2
+    kl = seen["kl.png"]["lines"]
+    assert len(kl) == 2 and set(kl[0]) == {"train/kl"} and set(kl[1]) == {"train/kl_coef"}
+    assert kl[1]["train/kl_coef"] == pytest.approx([0.05 * (1 + 0.01 * s) for s in range(1, 9)])
+    assert set(seen["response_length.png"]["lines"][0]) == {"train/response/length"}
+    assert seen["explained_var.png"]["lines"][0]["train/value/explained_var"] == pytest.approx(
+        [0.1 * s for s in range(1, 9)]
+    )
+
+    # GRPO: no value model -> no value figures; overlay of both runs keeps the band per run
+    write_rollout_run(tmp_path / "grpo", steps=5, value=False)
+    assert [p.stem for p in plot_run(tmp_path / "grpo")] == [
+        g for g in ROLLOUT_GROUPS if g not in ("value_loss", "explained_var")
+    ]
+    paths = plot_runs([tmp_path / "ppo", tmp_path / "grpo"], tmp_path / "cmp")
+    assert [p.stem for p in paths] == ROLLOUT_GROUPS
+    assert seen["reward.png"]["bands"] == 4
+    assert {"ppo train/kl_coef", "grpo train/kl_coef"} == set(seen["kl.png"]["lines"][1])
+
+
+def test_metric_group_rollout():
+    assert metric_group("reward/mean") == metric_group("reward/std") == "reward"
+    assert metric_group("kl") == metric_group("kl_coef") == "kl"
+    assert metric_group("response/length") == "response_length"
+    assert metric_group("response/eos_rate") == "eos_rate"
+    assert metric_group("policy/clipfrac") == "clipfrac" and metric_group("policy/approx_kl") == "approx_kl"
+    assert (
+        metric_group("value/loss") == "value_loss" and metric_group("value/explained_var") == "explained_var"
+    )
