@@ -130,7 +130,12 @@ def _strip_local_rank(argv: Sequence[str]) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(_strip_local_rank(sys.argv[1:] if argv is None else argv))
+    argv = _strip_local_rank(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["launch"] and not {"-h", "--help"} & set(argv[1:2]):
+        # argparse's REMAINDER drops leading options ("--hostfile ..."): hand launch its argv as is
+        args = argparse.Namespace(command="launch", launch_args=argv[1:])
+    else:
+        args = _parser().parse_args(argv)
     try:
         if args.command in RECIPE_COMMANDS:
             run_recipe(args.command, args.config, args.overrides, args.print_config)

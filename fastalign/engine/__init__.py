@@ -11,6 +11,9 @@ consolidated export. CPU (gloo, `DS_ACCELERATOR=cpu`) and CUDA (nccl).
 - `fused_head_params(model)`: the full lm_head (weight, bias) for the fused losses; under ZeRO-3
   gathered for the forward and re-gathered in the backward, gradient reduce-scattered.
 - `consolidated_state_dict(engine)`, `export_hf(engine, tokenizer, out_dir, dtype)`.
+- `model_state_bytes(n_params, stage=, world=, ...)`, `check_fits(...)`, `param_counts(config)`,
+  `preflight(cfg, ds, world)`: per-rank model-state memory, checked before loading (memory.py).
+- `fastalign.engine.launch.main(argv)`: `fastalign launch` (hostfile / node checks, then deepspeed).
 
 Names are imported on first use (PEP 562): `import fastalign.engine` loads neither torch nor
 deepspeed.
@@ -38,6 +41,11 @@ _EXPORTS = {
     "gathered_params": "gather",
     "consolidated_state_dict": "export",
     "export_hf": "export",
+    "model_state_bytes": "memory",
+    "check_fits": "memory",
+    "param_counts": "memory",
+    "param_counts_from_path": "memory",
+    "preflight": "memory",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -162,6 +162,9 @@ class ZeRO(Local):
             world=self.world,
             hidden_size=_hidden_size(cfg.model),
         )
+        from fastalign.engine import preflight
+
+        preflight(cfg, self.ds, self.world)  # model states vs memory, before any weight is loaded
         self.engine = None
 
     def device(self, cfg_device: str) -> torch.device:
@@ -207,14 +210,10 @@ class ZeRO(Local):
         return (mine, True) if mine else (rows[:1], False)
 
     def prepare(self, model, optimizer, scheduler, *, grad_accum: int, max_grad_norm, scaler=None) -> None:
-        from fastalign.engine import build_trainable, ds_builds_optimizer
+        from fastalign.engine import build_trainable
 
-        if ds_builds_optimizer(self.ds):  # offload_optimizer: cpu -> DeepSpeedCPUAdam, same schedule
-            lam = scheduler.lr_lambdas[0]
-            sched = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lam)
-            self.engine, optimizer, scheduler = build_trainable(model, self.ds, None, sched)
-        else:
-            self.engine, optimizer, scheduler = build_trainable(model, self.ds, optimizer, scheduler)
+        # offload_optimizer: cpu -> DeepSpeedCPUAdam over the same parameter groups and schedule
+        self.engine, optimizer, scheduler = build_trainable(model, self.ds, optimizer, scheduler)
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
 
     def backward(self, loss: torch.Tensor) -> None:
