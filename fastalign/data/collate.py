@@ -65,7 +65,7 @@ def _index(examples: list[dict]) -> torch.Tensor:
 
 class PreferenceCollator:
     """Pairs -> 2B rows: rows 0..B-1 are prompt+chosen, rows B..2B-1 prompt+rejected (pair b = rows
-    b and B+b). Adds "index" (B,) and, when every example has one, "margin" (B,) float."""
+    b and B+b). Adds "index" (B,) and, when every example has one, "margin" / "p_chosen" (B,) float."""
 
     def __init__(self, pad_token_id: int, *, packing: bool = False):
         if pad_token_id is None:
@@ -86,8 +86,9 @@ class PreferenceCollator:
                 labels.append([IGNORE_INDEX] * len(p) + r)
         batch = _rows_to_batch(ids, labels, self.pad_token_id, self.packing)
         batch["index"] = _index(examples)
-        if all(ex.get("margin") is not None for ex in examples):
-            batch["margin"] = torch.tensor([float(ex["margin"]) for ex in examples], dtype=torch.float32)
+        for key in ("margin", "p_chosen"):
+            if all(ex.get(key) is not None for ex in examples):
+                batch[key] = torch.tensor([float(ex[key]) for ex in examples], dtype=torch.float32)
         return batch
 
 

@@ -2,7 +2,8 @@
 
 The `columns` mapping (canonical name -> source column) is applied first; the canonical names are
 TRL's: prompt, chosen, rejected (preference), prompt, completion, label (KTO), text / messages /
-prompt, completion (SFT), plus the optional "margin" (a number) for preference rows.
+prompt, completion (SFT), plus the optional "margin" (a number) and "p_chosen" (a soft label in
+[0, 1]) for preference rows.
 
 Detection (`fmt="auto"`) looks at the keys (and value types) of the first row that fits any format of
 the requested kind; rows before it that fit none are skipped as `missing_field`:
@@ -26,7 +27,7 @@ Formats, per row:
  (d) kto: prompt, completion strings and label (bool, or the ints 0 / 1).
  (e) sft: prompt / completion strings, or `text` (every token is learnt).
 
-Records out: {"prompt", "chosen", "rejected"[, "margin"]}, {"prompt", "completion", "label"},
+Records out: {"prompt", "chosen", "rejected"[, "margin", "p_chosen"]}, {"prompt", "completion", "label"},
 {"prompt", "completion"} or {"text"}, plus "chat": bool (prompt and responses are message lists).
 A bad row raises RowError(reason, detail). Empty (or whitespace-only) text is `empty_field` for
 prompts, SFT completions and `text`; an empty preference or KTO response is kept as a legitimate
@@ -42,7 +43,7 @@ from fastalign.data.sources import RowError
 
 KINDS = ("preference", "kto", "sft")
 FORMATS = {"preference": ("preference", "hh", "chat"), "kto": ("kto", "chat"), "sft": ("sft", "chat")}
-CANONICAL = ("prompt", "chosen", "rejected", "completion", "label", "messages", "text", "margin")
+CANONICAL = ("prompt", "chosen", "rejected", "completion", "label", "messages", "text", "margin", "p_chosen")
 HH_ASSISTANT = "\n\nAssistant:"
 
 
@@ -157,6 +158,11 @@ def _margin(row: dict, rec: dict) -> dict:
         if isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m):
             raise RowError("wrong_type", f"'margin' must be a finite number, got {m!r:.40}")
         rec["margin"] = float(m)
+    if "p_chosen" in row:  # a soft label (fastalign cai label): P(chosen is preferred)
+        p = row["p_chosen"]
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
+            raise RowError("wrong_type", f"'p_chosen' must be a number in [0, 1], got {p!r:.40}")
+        rec["p_chosen"] = float(p)
     return rec
 
 

@@ -69,8 +69,9 @@ class Encoder:
         responses = [r[:room] for r in responses]
         if self.kind == "preference":
             ex = {"prompt_ids": prompt, "chosen_ids": responses[0], "rejected_ids": responses[1]}
-            if "margin" in rec:
-                ex["margin"] = rec["margin"]
+            for key in ("margin", "p_chosen"):
+                if key in rec:
+                    ex[key] = rec[key]
         elif self.kind == "kto":
             ex = {"prompt_ids": prompt, "completion_ids": responses[0], "label": rec["label"]}
         else:

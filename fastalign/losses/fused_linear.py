@@ -166,6 +166,7 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
         ref_rejected_logps: torch.Tensor | None = None,
         ref_hidden: torch.Tensor | None = None,
         ref_weight: torch.Tensor | None = None,
+        label_smoothing: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         op = type(self).__name__
         _check_3d(op, hidden, labels)
@@ -204,7 +205,9 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
                 )
                 ref_seq = sequence_logps(ref_tok, labels != self.ignore_index, average=self.average_log_prob)
             ref_chosen_logps, ref_rejected_logps = ref_seq[:b], ref_seq[b:]
-        return self.loss_from_token_logps(token_logps, labels, ref_chosen_logps, ref_rejected_logps)
+        return self.loss_from_token_logps(
+            token_logps, labels, ref_chosen_logps, ref_rejected_logps, label_smoothing=label_smoothing
+        )
 
     def loss_from_token_logps(
         self,
@@ -212,10 +215,16 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
         labels: torch.Tensor,
         ref_chosen_logps: torch.Tensor | None = None,
         ref_rejected_logps: torch.Tensor | None = None,
+        *,
+        label_smoothing: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The same loss from per-token log-probs (2B, T) already computed (e.g. from full logits with
-        `fastalign.ops.token_logprobs`): the unfused path shares every line of the loss math."""
+        `fastalign.ops.token_logprobs`): the unfused path shares every line of the loss math.
+        `label_smoothing` (B,) overrides the module's ε per pair (soft labels; dpo sigmoid/robust)."""
         op = type(self).__name__
+        if label_smoothing is not None and self.method != "dpo":
+            raise ValueError(f"{op}: per-pair label_smoothing works with method 'dpo', not {self.method!r}")
+        eps = self.label_smoothing if label_smoothing is None else label_smoothing
         b = token_logps.shape[0] // 2
         mask = labels != self.ignore_index
         avg = self.average_log_prob
@@ -237,7 +246,7 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
                 ref_r,
                 beta=self.beta,
                 loss_type=self.loss_type,
-                label_smoothing=self.label_smoothing,
+                label_smoothing=eps,
             )
         elif self.method == "simpo":
             losses, c_rew, r_rew = simpo_loss(

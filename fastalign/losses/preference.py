@@ -98,7 +98,7 @@ def dpo_loss(
     *,
     beta: float = 0.1,
     loss_type: str = "sigmoid",
-    label_smoothing: float = 0.0,
+    label_smoothing: float | torch.Tensor = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-pair DPO loss (Rafailov et al. 2023, "Direct Preference Optimization") and variants,
     matching TRL's `DPOTrainer.dpo_loss` (see the module docstring for the version and the three
@@ -128,6 +128,8 @@ def dpo_loss(
         beta: β > 0 (τ, the regularisation, for ipo).
         loss_type: one of `DPO_LOSS_TYPES`.
         label_smoothing: ε ∈ [0, 0.5); used by sigmoid, robust and exo_pair, ignored otherwise.
+            A (B,) tensor gives each pair its own ε (soft labels: ε = 1 − P(chosen preferred),
+            e.g. from `fastalign cai label`); sigmoid takes ε ∈ [0, 0.5], robust ε ∈ [0, 0.5).
 
     Returns:
         (losses, chosen_rewards, rejected_rewards), each (B,): per-pair losses (differentiable)
@@ -148,7 +150,10 @@ def dpo_loss(
         ref_rejected_logps=ref_rejected_logps,
     )
     beta = _check_number(op, "beta", beta, positive=True)
-    eps = _check_number(op, "label_smoothing", label_smoothing, low=0.0, high=0.5)
+    if isinstance(label_smoothing, torch.Tensor):
+        eps = _per_pair_smoothing(op, label_smoothing, policy_chosen_logps, loss_type)
+    else:
+        eps = _check_number(op, "label_smoothing", label_smoothing, low=0.0, high=0.5)
 
     chosen_logratios = policy_chosen_logps - ref_chosen_logps  # ρ_c
     rejected_logratios = policy_rejected_logps - ref_rejected_logps  # ρ_r
@@ -345,17 +350,40 @@ def kto_loss(
     return losses, beta * logratios.detach()
 
 
+def _per_pair_smoothing(op: str, eps: torch.Tensor, like: torch.Tensor, loss_type: str) -> torch.Tensor:
+    """Validate a (B,) per-pair ε: sigmoid (cDPO with soft labels) allows ε = 0.5 (no preference),
+    robust needs 1 − 2ε > 0; the other losses have no per-pair form."""
+    if loss_type not in ("sigmoid", "robust"):
+        raise ValueError(
+            f"{op}: per-pair label_smoothing (a tensor) works with sigmoid and robust, not {loss_type!r}"
+        )
+    _check_float(op, "label_smoothing", eps)
+    if eps.shape != like.shape:
+        raise ValueError(f"{op}: label_smoothing shape {tuple(eps.shape)} must equal {tuple(like.shape)}")
+    high_ok = (eps <= 0.5) if loss_type == "sigmoid" else (eps < 0.5)
+    if eps.numel() and not bool(((eps >= 0) & high_ok).all()):
+        bound = "0.5]" if loss_type == "sigmoid" else "0.5)"
+        raise ValueError(
+            f"{op}: label_smoothing values must be in [0, {bound} for {loss_type}, got {eps.tolist()}"
+        )
+    return eps.detach().to(like.dtype)
+
+
 def bradley_terry_loss(
     chosen_rewards: torch.Tensor,
     rejected_rewards: torch.Tensor,
     *,
     margin: torch.Tensor | float | None = None,
     center_coef: float = 0.0,
+    target: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-pair Bradley-Terry reward-model loss (as TRL's RewardTrainer; margin from Llama 2,
     Touvron et al. 2023):
 
         loss = −log σ(c − r − margin) + center_coef · (c + r)²
+
+    With a soft `target` t = P(chosen preferred) per pair (AI feedback, `fastalign cai label`) the
+    first term is the cross-entropy −t·log σ(d) − (1 − t)·log σ(−d), d = c − r − margin.
 
     The second term is TRL's `center_rewards_coefficient · mean((c + r)²)` regulariser (Eisenstein
     et al. 2023) taken per pair, so the mean of these losses equals TRL's loss.
@@ -364,6 +392,7 @@ def bradley_terry_loss(
         chosen_rewards, rejected_rewards: (B,) (or any equal shape) scalar rewards c, r.
         margin: None (0), a float, or a tensor broadcastable to the rewards' shape.
         center_coef: ≥ 0; 0 disables the regulariser.
+        target: None (hard labels, t = 1) or a tensor of t ∈ [0, 1] with the rewards' shape.
 
     Returns:
         (B,) per-pair losses, differentiable w.r.t. both rewards.
@@ -386,7 +415,16 @@ def bradley_terry_loss(
         diff = diff - margin
     elif margin is not None:
         diff = diff - _check_number(op, "margin", margin)
-    losses = -F.logsigmoid(diff)
+    if target is None:
+        losses = -F.logsigmoid(diff)
+    else:
+        _check_float(op, "target", target)
+        if target.shape != diff.shape:
+            raise ValueError(f"{op}: target shape {tuple(target.shape)} must equal {tuple(diff.shape)}")
+        if target.numel() and not bool(((target >= 0) & (target <= 1)).all()):
+            raise ValueError(f"{op}: target values must be in [0, 1], got {target.tolist()}")
+        t = target.detach().to(diff.dtype)
+        losses = -t * F.logsigmoid(diff) - (1 - t) * F.logsigmoid(-diff)
     if coef:
         losses = losses + coef * (chosen_rewards + rejected_rewards) ** 2
     return losses

@@ -339,3 +339,25 @@ def test_bad_arguments(tok, tmp_path):
         load_examples("preference", src, tok, fmt="kto")
     ex, rep = load_examples("preference", src, tok, fmt="preference")
     assert rep.format == "preference" and len(ex) == 1
+
+
+def test_soft_label_p_chosen_reaches_the_batch(tok, tmp_path):
+    from fastalign.data import PreferenceCollator
+
+    rows = [
+        {**PAIR, "p_chosen": 0.75},
+        {**PAIR, "p_chosen": 1},
+        {**PAIR, "p_chosen": 1.5},
+        {**PAIR, "p_chosen": "x"},
+    ]
+    examples, report = load_examples("preference", str(write_jsonl(tmp_path / "p.jsonl", rows)), tok)
+    assert report.kept == 2 and report.skipped.get("wrong_type") == 2
+    assert [ex["p_chosen"] for ex in examples] == [0.75, 1.0]
+    batch = PreferenceCollator(tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)(
+        examples
+    )
+    assert batch["p_chosen"].tolist() == [0.75, 1.0] and batch["p_chosen"].dtype.is_floating_point
+    plain, _ = load_examples("preference", str(write_jsonl(tmp_path / "q.jsonl", [PAIR, PAIR])), tok)
+    assert "p_chosen" not in PreferenceCollator(
+        tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    )(plain)

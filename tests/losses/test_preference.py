@@ -290,3 +290,48 @@ def test_other_losses_errors():
         bradley_terry_loss(x, x, margin=t(0.0, math.nan, 0.0))
     with pytest.raises(ValueError, match="center_coef"):
         bradley_terry_loss(x, x, center_coef=-0.1)
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "robust"])
+def test_dpo_per_pair_label_smoothing_equals_scalar_per_row(loss_type):
+    g = torch.Generator().manual_seed(0)
+    pc, pr, rc, rr = (torch.randn(5, generator=g, dtype=torch.float64) for _ in range(4))
+    eps = torch.tensor([0.0, 0.1, 0.25, 0.4, 0.49], dtype=torch.float64)
+    losses, _, _ = dpo_loss(pc, pr, rc, rr, beta=0.3, loss_type=loss_type, label_smoothing=eps)
+    for i in range(5):
+        one, _, _ = dpo_loss(
+            pc[i : i + 1], pr[i : i + 1], rc[i : i + 1], rr[i : i + 1], beta=0.3, loss_type=loss_type,
+            label_smoothing=float(eps[i]),
+        )  # fmt: skip
+        assert losses[i].item() == pytest.approx(one.item(), rel=1e-12)
+    # sigmoid at ε = 0.5 (no preference) is symmetric in chosen/rejected; robust refuses it
+    half = torch.full((5,), 0.5, dtype=torch.float64)
+    if loss_type == "sigmoid":
+        a, _, _ = dpo_loss(pc, pr, rc, rr, loss_type="sigmoid", label_smoothing=half)
+        b, _, _ = dpo_loss(pr, pc, rr, rc, loss_type="sigmoid", label_smoothing=half)
+        torch.testing.assert_close(a, b)
+    else:
+        with pytest.raises(ValueError, match=r"\[0, 0.5\)"):
+            dpo_loss(pc, pr, rc, rr, loss_type="robust", label_smoothing=half)
+    with pytest.raises(ValueError, match="shape"):
+        dpo_loss(pc, pr, rc, rr, loss_type=loss_type, label_smoothing=eps[:3])
+    with pytest.raises(ValueError, match="sigmoid and robust"):
+        dpo_loss(pc, pr, rc, rr, loss_type="ipo", label_smoothing=eps)
+
+
+def test_bradley_terry_soft_target():
+    c = torch.tensor([1.0, -0.5, 2.0], dtype=torch.float64, requires_grad=True)
+    r = torch.tensor([0.0, 0.5, 2.5], dtype=torch.float64)
+    t = torch.tensor([1.0, 0.3, 0.5], dtype=torch.float64)
+    losses = bradley_terry_loss(c, r, target=t)
+    d = (c - r).detach()
+    sig = lambda x: 1 / (1 + math.exp(-x))
+    pairs = zip(t.tolist(), d.tolist(), strict=True)
+    expect = [-(ti * math.log(sig(di)) + (1 - ti) * math.log(sig(-di))) for ti, di in pairs]
+    assert losses.tolist() == pytest.approx(expect, rel=1e-12)
+    hard = bradley_terry_loss(c, r)
+    assert losses[0].item() == pytest.approx(hard[0].item(), rel=1e-12)
+    losses.sum().backward()  # d/dc = σ(d) − t
+    assert c.grad.tolist() == pytest.approx((torch.sigmoid(d) - t).tolist(), rel=1e-12)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        bradley_terry_loss(c, r, target=torch.tensor([1.0, 1.2, 0.0], dtype=torch.float64))
