@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
 
+from fastalign.rollout.config import KLConfig, RewardConfig, WatchConfig  # dataclasses only, no torch
+
 T = TypeVar("T")
 
 
@@ -346,6 +348,146 @@ class KTOConfig:
         )
 
 
+@dataclass
+class PromptDataConfig:
+    """Prompts of the online recipes (PPO, GRPO, online DPO); see fastalign.data.prompts. A row's
+    `prompt` is a string or a chat-message list; other columns go to reward functions by name."""
+
+    train: str = ""
+    split: str = "train"
+    columns: dict[str, str] = field(default_factory=dict)  # only {"prompt": "<source column>"}
+    max_prompt_length: int = 256  # longer prompts keep their LAST tokens
+    # plain-string prompts get the tokenizer's chat template (one user turn + generation prompt)
+    # when it has one; message lists always do
+    chat_template: bool = True
+    strict: bool = False
+    max_rows: int | None = None
+
+    def validate(self) -> None:
+        _require(self.split != "", "split", "must not be empty")
+        _require(
+            set(self.columns) <= {"prompt"}, "columns", f"only 'prompt' can be mapped, got {self.columns}"
+        )
+        _require(
+            self.max_prompt_length >= 1, "max_prompt_length", f"must be >= 1, got {self.max_prompt_length}"
+        )
+        if self.max_rows is not None:
+            _require(self.max_rows >= 1, "max_rows", f"must be >= 1, got {self.max_rows}")
+
+
+def _check_updates(obj, what: str) -> None:
+    _require(
+        obj.epochs >= 1, "epochs", f"{what} passes over each rollout batch; must be >= 1, got {obj.epochs}"
+    )
+    _require(obj.minibatches >= 1, "minibatches", f"must be >= 1, got {obj.minibatches}")
+
+
+@dataclass
+class PPOConfig:
+    """PPO (Schulman et al. 2017) as in InstructGPT: per-token reward = score − kl.coef·k1, GAE,
+    `epochs` × `minibatches` clipped updates of policy and value per rollout batch."""
+
+    epochs: int = 2
+    minibatches: int = 2
+    clip_eps: float = 0.2
+    value_clip: float = 0.2
+    vf_coef: float = 0.5
+    entropy_coef: float = 0.0
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_advantages: bool = True
+    target_kl: float | None = None  # stop the epoch loop when the policy's approx KL passes it
+    # "separate": a ValueHeadModel (own optimizer / engine) from value_path, else the first reward
+    # model folder, else the policy's folder; "shared": a value head on the policy's hidden states
+    value_model: Literal["separate", "shared"] = "separate"
+    value_path: str | None = None
+    value_lr: float | None = None  # null: train.lr
+    reference: str | None = None  # null: the policy's initial weights (model.path)
+
+    def validate(self) -> None:
+        _check_updates(self, "PPO epochs:")
+        _require(self.clip_eps > 0, "clip_eps", f"must be > 0, got {self.clip_eps}")
+        _require(self.value_clip > 0, "value_clip", f"must be > 0, got {self.value_clip}")
+        _require(self.vf_coef >= 0, "vf_coef", f"must be >= 0, got {self.vf_coef}")
+        _require(self.entropy_coef >= 0, "entropy_coef", f"must be >= 0, got {self.entropy_coef}")
+        _require(0 < self.gamma <= 1, "gamma", f"must be in (0, 1], got {self.gamma}")
+        _require(0 <= self.lam <= 1, "lam", f"must be in [0, 1], got {self.lam}")
+        if self.target_kl is not None:
+            _require(self.target_kl > 0, "target_kl", f"must be > 0 (or null), got {self.target_kl}")
+        if self.value_lr is not None:
+            _require(self.value_lr > 0, "value_lr", f"must be > 0 (or null), got {self.value_lr}")
+        _require(
+            self.value_model == "separate" or self.value_path is None,
+            "value_path",
+            "is only used with value_model: separate",
+        )
+
+
+GRPO_AGGS = ("auto", "token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+
+
+@dataclass
+class GRPOConfig:
+    """GRPO (Shao et al. 2024), Dr. GRPO (Liu et al. 2025) and RLOO (Ahmadian et al. 2024):
+    `group_size` samples per prompt, group advantages, no value model, KL (kl.estimator, k3 by
+    default) in the loss with kl.coef."""
+
+    estimator: Literal["grpo", "dr_grpo", "rloo"] = "grpo"
+    group_size: int = 4
+    epochs: int = 1  # 1 × 1 minibatch: on-policy (ratio 1); more: PPO-style clipped reuse
+    minibatches: int = 1
+    clip_eps: float = 0.2
+    clip_eps_high: float | None = None  # DAPO clip-higher
+    entropy_coef: float = 0.0
+    # "auto": grpo → seq-mean-token-mean, dr_grpo → seq-mean-token-sum-norm, rloo → token-mean
+    agg: str = "auto"
+    reference: str | None = None
+
+    def validate(self) -> None:
+        _check_updates(self, "passes")
+        _require(
+            self.group_size >= 2, "group_size", f"must be >= 2 (a group baseline), got {self.group_size}"
+        )
+        _require(self.clip_eps > 0, "clip_eps", f"must be > 0, got {self.clip_eps}")
+        if self.clip_eps_high is not None:
+            _require(
+                self.clip_eps_high > 0, "clip_eps_high", f"must be > 0 (or null), got {self.clip_eps_high}"
+            )
+        _require(self.entropy_coef >= 0, "entropy_coef", f"must be >= 0, got {self.entropy_coef}")
+        _require(self.agg in GRPO_AGGS, "agg", f"expected one of {', '.join(GRPO_AGGS)}, got {self.agg!r}")
+
+
+@dataclass
+class OnlineDPOConfig:
+    """Online / iterative DPO: each iteration samples `num_samples` responses per prompt, the best
+    and worst by reward become a pair (ties skipped), then DPO steps against the reference."""
+
+    num_samples: int = 2
+    beta: float = 0.1
+    loss_type: str = "sigmoid"
+    epochs: int = 1
+    minibatches: int = 1
+    ref_refresh: bool = False  # copy the policy into the reference at each iteration start
+    reference: str | None = None
+
+    def validate(self) -> None:
+        from fastalign.losses.preference import DPO_LOSS_TYPES  # torch: only when validating this recipe
+
+        _check_updates(self, "passes")
+        _require(self.num_samples >= 2, "num_samples", f"must be >= 2 (a pair), got {self.num_samples}")
+        _require(self.beta > 0, "beta", f"must be > 0, got {self.beta}")
+        _require(
+            self.loss_type in DPO_LOSS_TYPES,
+            "loss_type",
+            f"expected one of {', '.join(map(repr, DPO_LOSS_TYPES))}, got {self.loss_type!r}",
+        )
+        _require(
+            not (self.ref_refresh and self.reference is not None),
+            "ref_refresh",
+            "copies the policy into the reference; it cannot be combined with a separate reference",
+        )
+
+
 # ---------------------------------------------------------------------------------------------
 # recipes
 # ---------------------------------------------------------------------------------------------
@@ -389,7 +531,57 @@ class KTORecipe:
     engine: EngineConfig = field(default_factory=EngineConfig)
 
 
-RECIPES: dict[str, type] = {"sft": SFTRecipe, "rm": RMRecipe, "dpo": DPORecipe, "kto": KTORecipe}
+@dataclass
+class PPORecipe:
+    method: ClassVar[str] = "ppo"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: PromptDataConfig = field(default_factory=PromptDataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    kl: KLConfig = field(default_factory=KLConfig)
+    watch: WatchConfig = field(default_factory=WatchConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+
+@dataclass
+class GRPORecipe:
+    method: ClassVar[str] = "grpo"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: PromptDataConfig = field(default_factory=PromptDataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    kl: KLConfig = field(default_factory=lambda: KLConfig(coef=0.04, estimator="k3"))
+    watch: WatchConfig = field(default_factory=WatchConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+
+@dataclass
+class OnlineDPORecipe:
+    method: ClassVar[str] = "online-dpo"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: PromptDataConfig = field(default_factory=PromptDataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    kl: KLConfig = field(default_factory=KLConfig)  # only the logged KL; online_dpo.beta is the strength
+    watch: WatchConfig = field(default_factory=WatchConfig)
+    online_dpo: OnlineDPOConfig = field(default_factory=OnlineDPOConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+
+RECIPES: dict[str, type] = {
+    "sft": SFTRecipe,
+    "rm": RMRecipe,
+    "dpo": DPORecipe,
+    "kto": KTORecipe,
+    "ppo": PPORecipe,
+    "grpo": GRPORecipe,
+    "online-dpo": OnlineDPORecipe,
+}
 
 
 # ---------------------------------------------------------------------------------------------
