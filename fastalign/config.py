@@ -289,6 +289,8 @@ class RMConfig:
 
     use_margin: bool = False
     center_coef: float = 0.0
+    # train on each row's p_chosen (AI feedback, `fastalign cai label`) as a soft Bradley-Terry target
+    soft_labels: bool = False
 
     def validate(self) -> None:
         _require(self.center_coef >= 0, "center_coef", f"must be >= 0, got {self.center_coef}")
@@ -307,6 +309,8 @@ class DPOConfig:
     orpo_lambda: float = 0.1
     precompute_ref_logps: bool = False
     reference: str | None = None
+    # each row's p_chosen (`fastalign cai label`) as per-pair label smoothing ε = 1 − p_chosen
+    soft_labels: bool = False
 
     def validate(self) -> None:
         from fastalign.losses.preference import DPO_LOSS_TYPES  # torch: only when validating a DPO recipe
@@ -328,6 +332,17 @@ class DPOConfig:
             f"must be >= 0, got {self.simpo_gamma_beta_ratio}",
         )
         _require(self.orpo_lambda >= 0, "orpo_lambda", f"must be >= 0, got {self.orpo_lambda}")
+        if self.soft_labels:
+            _require(
+                self.method == "dpo" and self.loss_type in ("sigmoid", "robust"),
+                "soft_labels",
+                f"needs method dpo with loss_type sigmoid or robust, got {self.method}/{self.loss_type}",
+            )
+            _require(
+                self.label_smoothing == 0,
+                "soft_labels",
+                "the per-row p_chosen replaces label_smoothing; set label_smoothing to 0",
+            )
 
 
 @dataclass

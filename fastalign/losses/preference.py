@@ -129,7 +129,7 @@ def dpo_loss(
         loss_type: one of `DPO_LOSS_TYPES`.
         label_smoothing: ε ∈ [0, 0.5); used by sigmoid, robust and exo_pair, ignored otherwise.
             A (B,) tensor gives each pair its own ε (soft labels: ε = 1 − P(chosen preferred),
-            e.g. from `fastalign cai label`); sigmoid takes ε ∈ [0, 0.5], robust ε ∈ [0, 0.5).
+            e.g. from `fastalign cai label`); sigmoid takes ε ∈ [0, 1], robust ε ∈ [0, 0.5).
 
     Returns:
         (losses, chosen_rewards, rejected_rewards), each (B,): per-pair losses (differentiable)
@@ -351,8 +351,8 @@ def kto_loss(
 
 
 def _per_pair_smoothing(op: str, eps: torch.Tensor, like: torch.Tensor, loss_type: str) -> torch.Tensor:
-    """Validate a (B,) per-pair ε: sigmoid (cDPO with soft labels) allows ε = 0.5 (no preference),
-    robust needs 1 − 2ε > 0; the other losses have no per-pair form."""
+    """Validate a (B,) per-pair ε: sigmoid (cDPO with soft labels) is the cross-entropy against
+    the soft label, so any ε ∈ [0, 1]; robust needs 1 − 2ε > 0; the others have no per-pair form."""
     if loss_type not in ("sigmoid", "robust"):
         raise ValueError(
             f"{op}: per-pair label_smoothing (a tensor) works with sigmoid and robust, not {loss_type!r}"
@@ -360,9 +360,9 @@ def _per_pair_smoothing(op: str, eps: torch.Tensor, like: torch.Tensor, loss_typ
     _check_float(op, "label_smoothing", eps)
     if eps.shape != like.shape:
         raise ValueError(f"{op}: label_smoothing shape {tuple(eps.shape)} must equal {tuple(like.shape)}")
-    high_ok = (eps <= 0.5) if loss_type == "sigmoid" else (eps < 0.5)
+    high_ok = (eps <= 1) if loss_type == "sigmoid" else (eps < 0.5)
     if eps.numel() and not bool(((eps >= 0) & high_ok).all()):
-        bound = "0.5]" if loss_type == "sigmoid" else "0.5)"
+        bound = "1]" if loss_type == "sigmoid" else "0.5)"
         raise ValueError(
             f"{op}: label_smoothing values must be in [0, {bound} for {loss_type}, got {eps.tolist()}"
         )

@@ -155,6 +155,11 @@ def build(cfg) -> Task:
     loss_mod = make_loss_module(cfg.dpo)
     fused, avg = cfg.train.fused, loss_mod.average_log_prob
 
+    if cfg.dpo.soft_labels and not all("p_chosen" in ex for ex in train):
+        raise ValueError(
+            "dpo.soft_labels: true needs a p_chosen number on every training row (as written by "
+            "`fastalign cai label`; map another column with data.columns.p_chosen=...)"
+        )
     score_ref = reference_scorer(cfg, model, device, avg, rt) if loss_mod.needs_reference else None
     cache: dict[int, torch.Tensor] | None = None
     if score_ref is not None and cfg.dpo.precompute_ref_logps:
@@ -173,14 +178,15 @@ def build(cfg) -> Task:
             ref_c, ref_r = ref[:b], ref[b:]
         labels = common.shifted_labels(batch)
         fwd = rt.forward_module(model)  # the DeepSpeed engine under a launcher
+        soft = 1 - batch["p_chosen"] if cfg.dpo.soft_labels and "p_chosen" in batch else None  # ε per pair
         if fused:
             kw = {"ref_chosen_logps": ref_c, "ref_rejected_logps": ref_r} if loss_mod.needs_reference else {}
             hidden = common.hidden_states(fwd, batch)
             with common.head_params(fwd) as (weight, bias):
-                loss, m = loss_mod(hidden, weight, labels, bias=bias, **kw)
+                loss, m = loss_mod(hidden, weight, labels, bias=bias, label_smoothing=soft, **kw)
         else:
             logp, labels = common.token_logps(fwd, batch, fused=False)
-            loss, m = loss_mod.loss_from_token_logps(logp, labels, ref_c, ref_r)
+            loss, m = loss_mod.loss_from_token_logps(logp, labels, ref_c, ref_r, label_smoothing=soft)
         return loss, metrics_from(loss_mod, m, labels)
 
     return Task(

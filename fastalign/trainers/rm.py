@@ -22,6 +22,11 @@ def build(cfg) -> Task:
         raise ValueError(
             "rm.use_margin: true needs a margin column in the data (map it with data.columns.margin=...)"
         )
+    if cfg.rm.soft_labels and not all("p_chosen" in ex for ex in train):
+        raise ValueError(
+            "rm.soft_labels: true needs a p_chosen number on every training row (as written by "
+            "`fastalign cai label`; map another column with data.columns.p_chosen=...)"
+        )
     collate = PreferenceCollator(tok.pad_token_id, packing=False)
 
     def loss_step(batch: dict[str, Any]):
@@ -31,7 +36,10 @@ def build(cfg) -> Task:
         b = rewards.shape[0] // 2
         chosen, rejected = rewards[:b], rewards[b:]
         margin = batch.get("margin") if cfg.rm.use_margin else None
-        loss = bradley_terry_loss(chosen, rejected, margin=margin, center_coef=cfg.rm.center_coef).mean()
+        target = batch.get("p_chosen") if cfg.rm.soft_labels else None  # soft Bradley-Terry target
+        loss = bradley_terry_loss(
+            chosen, rejected, margin=margin, center_coef=cfg.rm.center_coef, target=target
+        ).mean()
         d = (chosen - rejected).detach()
         return loss, {
             "rewards/chosen": chosen.detach().mean(),

@@ -315,6 +315,8 @@ def test_dpo_per_pair_label_smoothing_equals_scalar_per_row(loss_type):
             dpo_loss(pc, pr, rc, rr, loss_type="robust", label_smoothing=half)
     with pytest.raises(ValueError, match="shape"):
         dpo_loss(pc, pr, rc, rr, loss_type=loss_type, label_smoothing=eps[:3])
+    with pytest.raises(ValueError, match="must be in"):
+        dpo_loss(pc, pr, rc, rr, loss_type=loss_type, label_smoothing=eps + 0.7)
     with pytest.raises(ValueError, match="sigmoid and robust"):
         dpo_loss(pc, pr, rc, rr, loss_type="ipo", label_smoothing=eps)
 

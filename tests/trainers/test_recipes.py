@@ -272,3 +272,29 @@ def test_resume_refuses_a_changed_data_order(tmp_path):
     with pytest.raises(ValueError, match=r"batch_size=8 \(now 4\)"):
         _train("sft", tmp_path, "data.format=sft", "data.columns.completion=chosen", *common,
                "train.batch_size=4", "train.max_steps=4")  # fmt: skip
+
+
+def test_soft_labels_from_ai_feedback(tmp_path):
+    """p_chosen rows (`fastalign cai label`): p = 1 is exactly the hard-label run; p = 0.7 is
+    exactly cDPO with label_smoothing 0.3 (DPO) / the BT cross-entropy at t = 0.7 (RM)."""
+    rows = [json.loads(line) for line in PANDALM.read_text().splitlines()[:24]]
+    files = {}
+    for p in (1.0, 0.7):
+        files[p] = tmp_path / f"soft{p}.jsonl"
+        files[p].write_text("".join(json.dumps({**r, "p_chosen": p}) + "\n" for r in rows))
+    common = ["train.max_steps=3", "train.batch_size=4", "train.eval_every=0", "data.eval_fraction=0"]
+    _, _, hard = _train("dpo", tmp_path / "hard", f"data.train={files[1.0]}", *common)
+    _, _, soft1 = _train("dpo", tmp_path / "s1", f"data.train={files[1.0]}", "dpo.soft_labels=true", *common)
+    _, _, cdpo = _train("dpo", tmp_path / "c", f"data.train={files[0.7]}", "dpo.label_smoothing=0.3", *common)
+    _, _, soft7 = _train("dpo", tmp_path / "s7", f"data.train={files[0.7]}", "dpo.soft_labels=true", *common)
+    assert soft1 == hard and soft7 == pytest.approx(cdpo, rel=1e-6) and soft7 != hard
+    _, _, rm_hard = _train("rm", tmp_path / "rh", f"data.train={files[1.0]}", *common)
+    _, _, rm_soft1 = _train("rm", tmp_path / "r1", f"data.train={files[1.0]}", "rm.soft_labels=true", *common)
+    _, _, rm_soft7 = _train("rm", tmp_path / "r7", f"data.train={files[0.7]}", "rm.soft_labels=true", *common)
+    assert rm_soft1 == pytest.approx(rm_hard, rel=1e-6)
+    # first step, same weights: −0.7·logσ(d) − 0.3·logσ(−d) differs from −logσ(d) unless d = 0
+    assert rm_soft7[1] != pytest.approx(rm_hard[1], rel=1e-4)
+    with pytest.raises(ValueError, match="p_chosen"):
+        _train("dpo", tmp_path / "x", "dpo.soft_labels=true", *common)
+    with pytest.raises(ValueError, match="soft_labels"):
+        _cfg("dpo", tmp_path / "y", "dpo.soft_labels=true", "dpo.loss_type=ipo")
