@@ -6,4 +6,4 @@ source "$(dirname "${BASH_SOURCE[0]}")/setup_venv.sh"
 .venv/bin/ruff format --check .
 # The pytest entry point (not `python -m pytest`) keeps the checkout root off sys.path, so the
 # repo's top-level kernels/ folder is never importable as `kernels`.
-exec .venv/bin/pytest "$@"
+exec .venv/bin/pytest --durations=25 "$@"
