@@ -226,3 +226,46 @@ def test_read_traces_cuts_a_torn_tail_and_refuses_a_corrupt_middle(tmp_path):
     with pytest.raises(ValueError, match=r"trace\.jsonl:2: corrupt trace line"):
         read_traces(path)
     assert read_traces(tmp_path / "absent.jsonl") == []
+
+
+@needs_model
+def test_sigkill_mid_run_then_rerun_equals_uninterrupted_run(tmp_path):
+    """A real kill: the CLI in a subprocess is SIGKILLed once its first trace lines are on disk;
+    running the same command again finishes the job with byte-identical files (nothing lost,
+    nothing written twice)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root = tmp_path
+    (root / "tiny.yaml").write_text(TINY)
+    prompts = [f"{p} (case {i})" for i in range(4) for p in PROMPTS]  # 16 prompts, one per batch
+    (root / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
+
+    def cmd(out: Path) -> list[str]:
+        return [
+            sys.executable, "-m", "fastalign.cli", "cai", "revise", f"model.path={STORIES}",
+            f"prompts={root / 'prompts.jsonl'}", f"constitution={root / 'tiny.yaml'}", f"output_dir={out}",
+            "rounds=2", "generation.max_new_tokens=8", "generation.batch_size=1", "progress=false",
+        ]  # fmt: skip
+
+    subprocess.run(cmd(root / "ref"), env=env, check=True, timeout=300, capture_output=True)
+    killed = subprocess.Popen(
+        cmd(root / "out"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    trace = root / "out" / "trace.jsonl"
+    deadline = time.monotonic() + 300
+    while not (trace.is_file() and trace.read_text().count("\n") >= 2):
+        assert killed.poll() is None, "the run ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait(timeout=30)
+    done_before = len(trace.read_text().splitlines())
+    assert 2 <= done_before < len(prompts), done_before
+    subprocess.run(cmd(root / "out"), env=env, check=True, timeout=300, capture_output=True)
+    assert trace.read_bytes() == (root / "ref" / "trace.jsonl").read_bytes()
+    assert (root / "out" / "sft.jsonl").read_bytes() == (root / "ref" / "sft.jsonl").read_bytes()
