@@ -8,12 +8,12 @@ import importlib.util
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from launching import dist_env, free_port
 
 HERE = Path(__file__).resolve().parent
 SHARED = Path(__file__).resolve().parents[2].parent / "shared"
@@ -27,27 +27,13 @@ pytestmark = [
 LAUNCH_TIMEOUT_S = 420  # bounds everything, a hang included
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("gen_zero3")
-    env = dict(
-        os.environ,
-        DS_ACCELERATOR="cpu",
-        OMP_NUM_THREADS="1",
-        HF_HUB_OFFLINE="1",
-        FASTALIGN_DIST_TIMEOUT="120",
-        PYTHONPATH=os.pathsep.join([str(HERE), str(REPO)]),
-    )
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".venv" / "torch_extensions_ds"))
+    env = dist_env(debug=False, pythonpath=(HERE, REPO))
     torchrun = Path(sys.executable).with_name("torchrun")
     cmd = [str(torchrun), "--nproc_per_node", "2", "--master_addr", "127.0.0.1"]
-    cmd += ["--master_port", str(_port())]
+    cmd += ["--master_port", str(free_port())]
     # own session: on a timeout (a hang is what this test guards against) the whole group goes,
     # the ranks included — killing torchrun alone would orphan them
     proc = subprocess.Popen(

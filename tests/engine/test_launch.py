@@ -11,13 +11,13 @@ import os
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from launching import dist_env, free_port
 
 from fastalign.engine.launch import build_command, main, parse_hostfile
 
@@ -127,24 +127,8 @@ def test_the_cli_passes_launcher_flags_through(capsys):
 # ---- launches (gloo on CPU) ---------------------------------------------------------------------
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _env() -> dict[str, str]:
-    env = dict(
-        os.environ,
-        DS_ACCELERATOR="cpu",
-        OMP_NUM_THREADS="1",
-        HF_HUB_OFFLINE="1",
-        TRANSFORMERS_VERBOSITY="error",
-        FASTALIGN_DIST_TIMEOUT=str(DIST_TIMEOUT_S),
-        PYTHONPATH=str(ROOT),
-    )
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".venv" / "torch_extensions_ds"))
-    return env
+    return dist_env(timeout_s=DIST_TIMEOUT_S, debug=False)
 
 
 def _sft(out: Path, steps: int, *extra: str) -> list[str]:
@@ -202,13 +186,13 @@ def distributed(fn):
 
 @distributed
 def test_two_launchers_on_one_machine_train_together(tmp_path):
-    port = _port()
+    port = free_port()
     nodes = [_node(r, port, tmp_path / "two_nodes", 3) for r in (0, 1)]
     results = [_finish(p) for p in nodes]
     for r, (code, log) in enumerate(results):
         assert code == 0, f"node {r} exited {code}:\n{log[-6000:]}"
     assert "nnodes=2, num_local_procs=1, node_rank=1" in results[1][1]
-    code, log = _finish(_launch(["--num_gpus", "2", "--master_port", str(_port()), "--",
+    code, log = _finish(_launch(["--num_gpus", "2", "--master_port", str(free_port()), "--",
                                  *_sft(tmp_path / "one_launcher", 3)]))  # fmt: skip
     assert code == 0, log[-6000:]
     two, one = _train_losses(tmp_path / "two_nodes"), _train_losses(tmp_path / "one_launcher")
@@ -230,7 +214,7 @@ def test_a_missing_hostfile_exits_2_before_starting_anything(tmp_path):
 def _single_node_failure(tmp_path, *extra: str) -> tuple[int, str, float]:
     t0 = time.monotonic()
     proc = _launch(
-        ["--num_gpus", "2", "--master_port", str(_port()), "--", *_sft(tmp_path / "run", 3, *extra)]
+        ["--num_gpus", "2", "--master_port", str(free_port()), "--", *_sft(tmp_path / "run", 3, *extra)]
     )
     code, log = _finish(proc, 240)
     return code, log, time.monotonic() - t0
@@ -262,7 +246,7 @@ def test_a_model_over_the_memory_limit_fails_before_loading(tmp_path):
 def test_a_dead_or_hung_node_makes_the_other_exit_within_the_timeout(tmp_path, sig):
     """SIGKILL: gloo sees the closed connection at the next collective (seconds). SIGSTOP (a hung
     node): the collective times out after FASTALIGN_DIST_TIMEOUT (gloo: "Timed out waiting")."""
-    port, out = _port(), tmp_path / "dead"
+    port, out = free_port(), tmp_path / "dead"
     nodes = [_node(r, port, out, 500) for r in (0, 1)]
     try:
         deadline = time.monotonic() + RUN_TIMEOUT_S

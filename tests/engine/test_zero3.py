@@ -9,14 +9,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from launching import dist_env, free_port, run_launch
 
 HERE = Path(__file__).resolve().parent
 SHARED = Path(__file__).resolve().parents[2].parent / "shared"
@@ -30,31 +28,13 @@ pytestmark = [
 LAUNCH_TIMEOUT_S = 420
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(out: Path, mode: str) -> None:
-    env = dict(
-        os.environ,
-        DS_ACCELERATOR="cpu",
-        OMP_NUM_THREADS="1",
-        HF_HUB_OFFLINE="1",
-        FASTALIGN_DIST_TIMEOUT="120",
-        PYTHONPATH=os.pathsep.join([str(HERE), str(REPO)]),
-    )
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".venv" / "torch_extensions_ds"))
+    env = dist_env(debug=False, pythonpath=(HERE, REPO))
     torchrun = Path(sys.executable).with_name("torchrun")
     cmd = [str(torchrun), "--nproc_per_node", "2", "--master_addr", "127.0.0.1"]
-    cmd += ["--master_port", str(_port())]
-    proc = subprocess.run(
-        [*cmd, str(HERE / "zero3_worker.py"), str(out), mode],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=LAUNCH_TIMEOUT_S,
+    cmd += ["--master_port", str(free_port())]
+    proc = run_launch(
+        [*cmd, str(HERE / "zero3_worker.py"), str(out), mode], env=env, timeout=LAUNCH_TIMEOUT_S
     )
     assert proc.returncode == 0, f"torchrun {mode} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
 

@@ -16,13 +16,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from launching import dist_env, free_port, run_launch
 
 ROOT = Path(__file__).resolve().parents[2]
 SHARED = Path(__file__).resolve().parents[2].parent / "shared"
@@ -38,22 +36,6 @@ ITERS = 2
 STARTS = ["Once upon a time", "Lily went to the park", "Tom had a big red ball", "The cat sat on the mat"]
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env() -> dict[str, str]:
-    env = dict(
-        os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
-        TRANSFORMERS_VERBOSITY="error", FASTALIGN_DIST_TIMEOUT="120", FASTALIGN_DEBUG="1",
-        PYTHONPATH=str(ROOT),
-    )  # fmt: skip
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".venv" / "torch_extensions_ds"))
-    return env
-
-
 def _overrides(out: Path, prompts: Path, batch_size: int) -> list[str]:
     return [
         f"model.path={MODEL}", f"data.train={prompts}", f"train.output_dir={out}",
@@ -66,7 +48,7 @@ def _overrides(out: Path, prompts: Path, batch_size: int) -> list[str]:
 
 
 def _run(cmd: list[str], what: str) -> str:
-    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
+    proc = run_launch(cmd, env=dist_env(), timeout=LAUNCH_TIMEOUT_S)
     assert proc.returncode == 0, f"{what} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-8000:]}"
     return proc.stderr
 
@@ -79,7 +61,7 @@ def runs(tmp_path_factory):
     ds_json = tmp / "ds.json"  # partition every parameter (the default keeps small ones whole)
     ds_json.write_text(json.dumps({"zero_optimization": {"stage3_param_persistence_threshold": 0}}))
     torchrun = str(Path(sys.executable).with_name("torchrun"))
-    two = [torchrun, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(_port())]
+    two = [torchrun, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
     two += [
         "-m",
         "fastalign.cli",

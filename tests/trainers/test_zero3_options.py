@@ -20,14 +20,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import os
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from launching import dist_env, free_port, run_launch
 
 ROOT = Path(__file__).resolve().parents[2]
 SHARED = Path(__file__).resolve().parents[2].parent / "shared"
@@ -44,31 +42,21 @@ pytestmark = [
 ]
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env() -> dict[str, str]:
-    env = dict(
-        os.environ,
-        DS_ACCELERATOR="cpu",
-        OMP_NUM_THREADS="1",
-        HF_HUB_OFFLINE="1",
-        TRANSFORMERS_VERBOSITY="error",
-        FASTALIGN_DIST_TIMEOUT="120",
-        PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests'}",
-    )
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".venv" / "torch_extensions_ds"))
-    return env
-
-
 def _torchrun(args: list[str], what: str) -> str:
     exe = str(Path(sys.executable).with_name("torchrun"))
-    cmd = [exe, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(_port()), *args]
+    cmd = [
+        exe,
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        *args,
+    ]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
+    env = dist_env(debug=False, pythonpath=(ROOT, ROOT / "tests"))
+    proc = run_launch(cmd, env=env, timeout=LAUNCH_TIMEOUT_S)
     WALL[what] = time.perf_counter() - t0
     assert proc.returncode == 0, f"{what} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-8000:]}"
     return proc.stderr

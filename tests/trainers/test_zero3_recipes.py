@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import re
 import shutil
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from launching import dist_env, free_port, run_launch
 
 ROOT = Path(__file__).resolve().parents[2]
 SHARED = Path(__file__).resolve().parents[2].parent / "shared"
@@ -32,27 +30,6 @@ pytestmark = [
 ]
 LAUNCH_TIMEOUT_S = 420
 STEPS = 4
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env() -> dict[str, str]:
-    env = dict(
-        os.environ,
-        DS_ACCELERATOR="cpu",
-        OMP_NUM_THREADS="1",
-        HF_HUB_OFFLINE="1",
-        TRANSFORMERS_VERBOSITY="error",
-        FASTALIGN_DIST_TIMEOUT="120",
-        FASTALIGN_DEBUG="1",
-        PYTHONPATH=str(ROOT),
-    )
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".venv" / "torch_extensions_ds"))
-    return env
 
 
 def _overrides(method: str, out: Path) -> list[str]:
@@ -74,7 +51,7 @@ def _overrides(method: str, out: Path) -> list[str]:
 
 
 def _run(cmd: list[str], what: str) -> str:
-    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
+    proc = run_launch(cmd, env=dist_env(), timeout=LAUNCH_TIMEOUT_S)
     assert proc.returncode == 0, f"{what} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-8000:]}"
     return proc.stderr
 
@@ -83,10 +60,10 @@ def _launch(method: str, out: Path, ds_json: Path, *extra: str, launcher: str = 
     """2 ranks on CPU via `torchrun -m` or `deepspeed --num_gpus 2 --module` (DS_ACCELERATOR=cpu)."""
     exe = str(Path(sys.executable).with_name(launcher))
     if launcher == "torchrun":
-        cmd = [exe, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(_port())]
+        cmd = [exe, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
         cmd += ["-m", "fastalign.cli"]
     else:
-        cmd = [exe, "--num_gpus", "2", "--master_port", str(_port()), "--module", "fastalign.cli"]
+        cmd = [exe, "--num_gpus", "2", "--master_port", str(free_port()), "--module", "fastalign.cli"]
     cmd += [method, "--config", f"configs/{method}.yaml"]
     cmd += [*_overrides(method, out), "engine.backend=deepspeed", f"engine.ds_config={ds_json}", *extra]
     return _run(cmd, f"{launcher} {method}")
