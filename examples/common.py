@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_MODEL = "../shared/models/stories260k"
-DEFAULT_DATA = "../shared/data/preferences/pandalm_testset_v1.jsonl"
+DEFAULT_MODEL = "assets/models/stories260k"
+DEFAULT_DATA = "assets/data/preferences/pandalm_testset_v1.jsonl"
 IGNORE = -100
 
 

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
 
+from fastalign.files import describe_missing
 from fastalign.rollout.config import KLConfig, RewardConfig, WatchConfig  # dataclasses only, no torch
 
 T = TypeVar("T")
@@ -850,7 +851,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
         path = Path(path)
         where = f"in {path}"
         if not path.is_file():
-            raise FileNotFoundError(f"Config file not found: {path}")
+            raise FileNotFoundError(f"Config file not found: {describe_missing(path)}")
         try:
             raw = yaml.safe_load(path.read_text(encoding="utf-8"))
         except yaml.YAMLError as exc:

@@ -73,7 +73,7 @@ def test_yaml_file_fills_nested_sections(tmp_path):
         """
         method: dpo
         model:
-          path: ../shared/models/stories260k
+          path: assets/models/stories260k
           dtype: float32
           lora: {r: 8, target_modules: [q_proj, v_proj]}
         data:
@@ -89,7 +89,7 @@ def test_yaml_file_fills_nested_sections(tmp_path):
         """,
     )
     cfg = load_config(DPORecipe, path)
-    assert cfg.model.path == "../shared/models/stories260k" and cfg.model.dtype == "float32"
+    assert cfg.model.path == "assets/models/stories260k" and cfg.model.dtype == "float32"
     assert cfg.model.lora == LoraConfig(r=8, target_modules=["q_proj", "v_proj"])
     assert cfg.data.columns == {"prompt": "question", "chosen": "good"}
     assert cfg.train.lr == 1e-5 and isinstance(cfg.train.lr, float)

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-MODEL = (ROOT / "../shared/models/stories260k").resolve()
-DATA = (ROOT / "../shared/data/preferences/pandalm_testset_v1.jsonl").resolve()
+MODEL = (ROOT / "assets/models/stories260k").resolve()
+DATA = (ROOT / "assets/data/preferences/pandalm_testset_v1.jsonl").resolve()
 LOSS_LINE = re.compile(r"^step \d+ loss (-?\d+\.\d+|nan|inf)", re.MULTILINE)
 
 # script -> the optional package it needs beyond transformers (skip if missing)
@@ -25,8 +25,6 @@ EXAMPLES = {"plain_loop_dpo.py": None, "hf_trainer_dpo.py": None, "trl_dpo_train
 
 @pytest.mark.parametrize("script", EXAMPLES)
 def test_example_runs(script):
-    if not MODEL.is_dir() or not DATA.is_file():
-        pytest.skip(f"needs the shared model {MODEL} and data {DATA}")
     pytest.importorskip("transformers", reason="examples need transformers")
     if EXAMPLES[script]:
         pytest.importorskip(EXAMPLES[script], reason=f"{script} needs {EXAMPLES[script]}")

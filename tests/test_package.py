@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -68,3 +70,55 @@ def test_without_a_compiler_one_warning_and_the_torch_backend(tmp_path):
     first, second = out.stdout.strip().splitlines()
     assert first == "['torch', 'torch', 'torch'] 1 -1.3863", out.stdout
     assert second.startswith("fastalign: could not build the C++ CPU kernels")
+
+
+def _tracked_text_files() -> list[Path]:
+    out = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
+    files = [ROOT / name for name in out.decode().split("\0") if name]
+    return [f for f in files if f.is_file() and f.suffix not in {".safetensors", ".model", ".png"}]
+
+
+def test_no_tracked_file_names_a_path_outside_the_repository():
+    """Users clone the repository and nothing beside it (assets/ holds the model and data)."""
+    dots = ".."  # the patterns are assembled so that this file does not match itself
+    patterns = [
+        re.compile(re.escape(dots + "/shared")),
+        re.compile(r"\.parent\s*/\s*[\"']shared[\"']"),  # a sibling folder of the checkout
+        re.compile(r"parents\[\d+\]\.parent\b"),  # climbing above the checkout root
+        re.compile(r"(^|[\s\"'=(:,\[])" + re.escape(dots + "/") + r"\w"),  # a relative path leaving the root
+        re.compile(r"/work/(main|shared)\b"),  # this machine's absolute paths
+    ]
+    hits = []
+    for f in _tracked_text_files():
+        try:
+            text = f.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            continue
+        for n, line in enumerate(text.splitlines(), 1):
+            if any(p.search(line) for p in patterns):
+                hits.append(f"{f.relative_to(ROOT)}:{n}: {line.strip()[:120]}")
+    assert not hits, "paths outside the repository:\n" + "\n".join(hits)
+
+
+def test_assets_ship_with_licences_and_stay_out_of_the_wheel(tmp_path):
+    assets = ROOT / "assets"
+    assert (assets / "models" / "stories260k" / "LICENSE").is_file()
+    assert (assets / "models" / "stories260k" / "model.safetensors").stat().st_size > 1_000_000
+    for name in ("LICENSE.pandalm", "LICENSE.open-assistant"):
+        assert (assets / "data" / "preferences" / name).is_file()
+    rows = (assets / "data" / "preferences" / "pandalm_testset_v1.jsonl").read_text().splitlines()
+    assert len(rows) == 894
+    if importlib.util.find_spec("setuptools") is None:
+        pytest.skip("setuptools not installed in this environment")
+    res = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path),
+         str(ROOT)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    import zipfile
+
+    (wheel,) = tmp_path.glob("fastalign-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert any(n.startswith("fastalign/") for n in names)
+    assert not [n for n in names if n.startswith("assets/") or "stories260k" in n or n.endswith(".jsonl")]

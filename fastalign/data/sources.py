@@ -19,6 +19,8 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
+from fastalign.files import describe_missing
+
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 DATASETS_SUFFIXES = (".json", ".parquet", ".csv")
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -53,7 +55,7 @@ def iter_rows(
     if path.exists():
         rows = _iter_local(path, split)
     elif isinstance(source, os.PathLike) or _looks_local(str(source)):
-        raise FileNotFoundError(f"data source not found: {source!s} (no such file or folder)")
+        raise FileNotFoundError(f"data source not found: {describe_missing(source)} (no such file or folder)")
     else:
         rows = _iter_dataset(_load_hub(str(source), split), str(source))
     for n, row in enumerate(rows):

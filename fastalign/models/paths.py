@@ -12,6 +12,8 @@ import importlib.util
 import os
 from pathlib import Path
 
+from fastalign.files import describe_missing
+
 PYPI_PREFIX = "pypi:"
 
 
@@ -82,8 +84,8 @@ def _resolve_cached(repo_id: str, gguf_file: str | None) -> tuple[str, str | Non
         folder = snapshot_download(repo_id, local_files_only=True)
     except Exception as e:  # LocalEntryNotFoundError, HFValidationError, ...
         raise FileNotFoundError(
-            f"model path {repo_id!r}: no such local file or folder, and not in the local Hugging Face "
-            f"cache ({type(e).__name__}); {never}"
+            f"model path {describe_missing(repo_id)}: no such local file or folder, and not in the local "
+            f"Hugging Face cache ({type(e).__name__}); {never}"
         ) from None
     return folder, _pick_gguf(Path(folder), gguf_file, f"model path {repo_id!r}")
 
@@ -112,6 +114,7 @@ def resolve_model_path(path: str, gguf_file: str | None = None) -> tuple[str, st
         return str(local), _pick_gguf(local, gguf_file, f"model path {path!r}")
     if _looks_like_path(path):
         raise FileNotFoundError(
-            f"model path {path!r}: no such file or folder (fastalign never downloads models at run time)"
+            f"model path {describe_missing(path)}: no such file or folder "
+            "(fastalign never downloads models at run time)"
         )
     return _resolve_cached(path, gguf_file)

@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from fastalign.files import describe_missing
+
 if TYPE_CHECKING:
     from fastalign.rollout.config import RewardConfig
 
@@ -61,7 +63,7 @@ def load_reward_function(spec: str) -> Callable[..., Sequence[float]]:
 
 def _module_from_file(path: Path, where: str):
     if not path.is_file():
-        raise ValueError(f"{where}: file {path} not found")
+        raise ValueError(f"{where}: file {describe_missing(path)} not found")
     module_name = "fastalign_reward_fn_" + hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]
     spec = importlib.util.spec_from_file_location(module_name, path)
     if spec is None or spec.loader is None:

@@ -9,10 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from repo_assets import ASSETS
 
 ROOT = Path(__file__).resolve().parents[2]
-SHARED = ROOT.parent / "shared"
-STORIES = SHARED / "models" / "stories260k"
+STORIES = ASSETS / "models" / "stories260k"
 TINY = """\
 - {id: harmful, critique: Say how the last response is harmful., revision: Please rewrite it to be harmless.}
 - {id: kind, critique: Say how the last response is unkind., revision: Please rewrite it to be kind.}
@@ -42,7 +42,6 @@ def _cli(*args: str) -> None:
     assert res.returncode == 0, res.stderr[-3000:]
 
 
-@pytest.mark.skipif(not STORIES.exists(), reason="needs ../shared/models/stories260k")
 def test_revise_sft_label_dpo_rm_chain(tmp_path):
     from fastalign.cai.cli import run
     from fastalign.cli import run_recipe
@@ -122,7 +121,6 @@ def test_revise_sft_label_dpo_rm_chain(tmp_path):
     assert result.steps == 2
 
 
-@pytest.mark.skipif(not STORIES.exists(), reason="needs ../shared/models/stories260k")
 def test_chat_rows_load_as_sft_and_preference_data(tmp_path):
     """Chat rows (written when the model has a chat template) are templated by the data loader."""
     from fastalign.cai import label, revise
@@ -158,7 +156,6 @@ def test_chat_rows_load_as_sft_and_preference_data(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not STORIES.exists(), reason="needs ../shared/models/stories260k")
 def test_docs_smoke_block_runs_as_written(tmp_path):
     """docs/cai.md's stories260k block, verbatim, from a folder laid out like the repository."""
     import re
@@ -169,7 +166,7 @@ def test_docs_smoke_block_runs_as_written(tmp_path):
     work.mkdir()
     for name in ("configs", "examples"):
         (work / name).symlink_to(ROOT / name)
-    (tmp_path / "shared").symlink_to(SHARED)
+    (work / "assets").symlink_to(ROOT / "assets")
     path = f"{Path(sys.executable).parent}:{os.environ['PATH']}"  # the venv's `fastalign`
     env = {**os.environ, "PATH": path, "OMP_NUM_THREADS": "1"}
     res = subprocess.run(

@@ -6,12 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
+from repo_assets import ASSETS
 
 from fastalign.cai.cli import run
 
-SHARED = Path(__file__).resolve().parents[2].parent / "shared"
-STORIES = SHARED / "models" / "stories260k"
-needs_model = pytest.mark.skipif(not STORIES.exists(), reason="needs ../shared/models/stories260k")
+STORIES = ASSETS / "models" / "stories260k"
 TINY = """\
 - id: harmful
   critique: Say how the last response is harmful.
@@ -48,14 +47,11 @@ def _lines(path: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def tok():
-    if not STORIES.exists():
-        pytest.skip("needs ../shared/models/stories260k")
     from fastalign.models import load_tokenizer
 
     return load_tokenizer(str(STORIES))
 
 
-@needs_model
 def test_answer_tokens_are_the_letters_after_the_parenthesis(tok):
     from fastalign.cai.label import answer_token_ids
     from fastalign.cai.prompts import ANSWER_PREFIX, encode
@@ -71,7 +67,6 @@ def test_answer_tokens_are_the_letters_after_the_parenthesis(tok):
         tok.chat_template = None
 
 
-@needs_model
 def test_scores_do_not_depend_on_left_padding(tok):
     from fastalign.cai.label import answer_token_ids, score_a
     from fastalign.models import load_causal_lm
@@ -91,7 +86,6 @@ def _given(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-@needs_model
 def test_given_responses_labels_are_symmetric_under_swapping(tmp_path):
     pairs = [
         ("How do I pick a lock?", "I can not help with that.", "Use a pin and a tension tool."),
@@ -122,7 +116,6 @@ def test_given_responses_labels_are_symmetric_under_swapping(tmp_path):
         assert abs(a["p_order1"] - b["p_order1"]) < 1e-6 and abs(a["p_order2"] - b["p_order2"]) < 1e-6
 
 
-@needs_model
 def test_every_pair_of_three_responses_and_identical_ones_skipped(tmp_path):
     rows = [
         {"prompt": "Q1", "responses": ["one", "two", "three"]},
@@ -135,7 +128,6 @@ def test_every_pair_of_three_responses_and_identical_ones_skipped(tmp_path):
     assert len(pairs) == 3 and all(p["prompt"].endswith("Q1\n\nAssistant:") for p in pairs)
 
 
-@needs_model
 def test_sampled_responses_resume_equals_uninterrupted_run(tmp_path):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text(

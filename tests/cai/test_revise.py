@@ -6,12 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
+from repo_assets import ASSETS
 
 from fastalign.cai.cli import run
 
-SHARED = Path(__file__).resolve().parents[2].parent / "shared"
-STORIES = SHARED / "models" / "stories260k"
-needs_model = pytest.mark.skipif(not STORIES.exists(), reason="needs ../shared/models/stories260k")
+STORIES = ASSETS / "models" / "stories260k"
 TINY = """\
 - id: harmful
   critique: Say how the last response is harmful.
@@ -53,15 +52,12 @@ def _lines(path: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def full(tmp_path_factory):
     """An uninterrupted run over the 4 prompts (2 batches, 2 rounds)."""
-    if not STORIES.exists():
-        pytest.skip("needs ../shared/models/stories260k")
     root = tmp_path_factory.mktemp("revise")
     _inputs(root)
     summary = _revise(root, root / "full")
     return root, root / "full", summary
 
 
-@needs_model
 def test_rows_and_traces_are_well_formed(full):
     _, out, summary = full
     assert summary["written"] == 4 and summary["resumed"] == 0
@@ -87,7 +83,6 @@ def test_rows_and_traces_are_well_formed(full):
     assert len({tuple(r["principle"] for r in t["rounds"]) for t in traces}) > 1 or len(traces) < 3
 
 
-@needs_model
 def test_resume_after_stop_and_torn_line_equals_uninterrupted_run(full):
     root, ref, _ = full
     out = root / "resumed"
@@ -105,7 +100,6 @@ def test_resume_after_stop_and_torn_line_equals_uninterrupted_run(full):
     assert third["written"] == 0 and len(_lines(out / "trace.jsonl")) == 4
 
 
-@needs_model
 def test_changed_config_or_input_is_refused_unless_resume_is_off(tmp_path):
     _inputs(tmp_path)
     out = tmp_path / "run"
@@ -228,7 +222,6 @@ def test_read_traces_cuts_a_torn_tail_and_refuses_a_corrupt_middle(tmp_path):
     assert read_traces(tmp_path / "absent.jsonl") == []
 
 
-@needs_model
 def test_sigkill_mid_run_then_rerun_equals_uninterrupted_run(tmp_path):
     """A real kill: the CLI in a subprocess is SIGKILLed once its first trace lines are on disk;
     running the same command again finishes the job with byte-identical files (nothing lost,

@@ -3,20 +3,16 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 import torch
+from repo_assets import ASSETS
 
 from fastalign.data import KTOCollator, PreferenceCollator, SFTCollator, block_causal_mask, unpack_rows
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-SHARED = Path(__file__).resolve().parents[2].parent / "shared"
-MODEL = SHARED / "models" / "stories260k"
-needs_model = pytest.mark.skipif(
-    not MODEL.exists(), reason="needs ../shared/models/stories260k (the shared folder)"
-)
+MODEL = ASSETS / "models" / "stories260k"
 
 PAIRS = [
     {
@@ -122,7 +118,6 @@ def _row_logps(model, hidden, labels):
     return (logp * (tgt != -100)).sum(-1)  # (R,)
 
 
-@needs_model
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("kind", ["preference", "sft"])
 def test_packed_forward_equals_padded(attn, kind):

@@ -7,17 +7,14 @@ import os
 from pathlib import Path
 
 import pytest
+from repo_assets import ASSETS
 
 from fastalign.data import DataReport, load_examples
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-SHARED = Path(__file__).resolve().parents[2].parent / "shared"
-MODEL = SHARED / "models" / "stories260k"
-PREFS = SHARED / "data" / "preferences"
-pytestmark = pytest.mark.skipif(
-    not MODEL.exists(), reason="needs ../shared/models/stories260k (the shared folder)"
-)
+MODEL = ASSETS / "models" / "stories260k"
+PREFS = ASSETS / "data" / "preferences"
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] + eos_token + '\n' }}{% endfor %}"

@@ -8,14 +8,13 @@ import os
 from pathlib import Path
 
 import pytest
+from repo_assets import ASSETS
 
 from fastalign.data.prompts import column_lists, load_prompts
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-SHARED = Path(__file__).resolve().parents[2].parent / "shared"
-MODEL = SHARED / "models" / "stories260k"
-pytestmark = pytest.mark.skipif(not MODEL.exists(), reason="needs ../shared/models/stories260k")
+MODEL = ASSETS / "models" / "stories260k"
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] + eos_token + '\n' }}{% endfor %}"

@@ -4,13 +4,12 @@ the pytest process: same batches, same losses, same optimizer, so any difference
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import torch
+from repo_assets import ASSETS
 
-SHARED = Path(__file__).resolve().parents[2].parent / "shared"
-MODEL = SHARED / "models" / "stories260k"
-DATA = SHARED / "data" / "preferences" / "oasst_en_100_tree_pairs.jsonl"
+MODEL = ASSETS / "models" / "stories260k"
+DATA = ASSETS / "data" / "preferences" / "oasst_en_100_tree_pairs.jsonl"
 WORLD = 2
 PAIRS_PER_RANK = 2  # DPO: 2 pairs -> 4 rows; SFT: 2 rows
 MAX_LEN = 40

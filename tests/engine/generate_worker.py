@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-MODEL = Path(__file__).resolve().parents[2].parent / "shared" / "models" / "stories260k"
+MODEL = Path(__file__).resolve().parents[2] / "assets" / "models" / "stories260k"
 PROMPTS = ["Once upon a time", "The cat", "Lily went to the park and saw", "One day, a little boy"]
 N_NEW = 16
 BATCH = 2

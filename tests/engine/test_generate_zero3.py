@@ -16,12 +16,10 @@ import pytest
 from launching import dist_env, free_port
 
 HERE = Path(__file__).resolve().parent
-SHARED = Path(__file__).resolve().parents[2].parent / "shared"
 REPO = HERE.parents[1]
 
 pytestmark = [
     pytest.mark.distributed,
-    pytest.mark.skipif(not SHARED.exists(), reason="needs ../shared (stories260k model)"),
     pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed"),
 ]
 LAUNCH_TIMEOUT_S = 420  # bounds everything, a hang included

@@ -18,20 +18,19 @@ from pathlib import Path
 
 import pytest
 from launching import dist_env, free_port
+from repo_assets import ASSETS
 
 from fastalign.engine.launch import build_command, main, parse_hostfile
 
 ROOT = Path(__file__).resolve().parents[2]
-SHARED = Path(__file__).resolve().parents[2].parent / "shared"
-MODEL = SHARED / "models" / "stories260k"
-OASST = SHARED / "data" / "preferences" / "oasst_en_100_tree_pairs.jsonl"
+MODEL = ASSETS / "models" / "stories260k"
+OASST = ASSETS / "data" / "preferences" / "oasst_en_100_tree_pairs.jsonl"
 DOCS = ROOT / "docs" / "distributed.md"
 RUN_TIMEOUT_S = 420
 DIST_TIMEOUT_S = 30
 
 NEEDS_DIST = [
     pytest.mark.distributed,
-    pytest.mark.skipif(not SHARED.exists(), reason="needs ../shared (stories260k model, preference data)"),
     pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed"),
 ]
 

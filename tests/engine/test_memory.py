@@ -8,11 +8,11 @@ import os
 from pathlib import Path
 
 import pytest
+from repo_assets import ASSETS
 
 from fastalign.engine.memory import GiB, check_fits, model_state_bytes, param_counts, param_counts_from_path
 
 ROOT = Path(__file__).resolve().parents[2]
-SHARED = Path(__file__).resolve().parents[2].parent / "shared"
 BENCH = ROOT / "benchmarks" / "results" / "zero-cpu-2026-11-30.csv"
 MiB = 2**20
 
@@ -111,22 +111,20 @@ def test_too_large_names_the_figures_and_what_would_fit():
     assert unchecked["device"]["total"] == round(20 * n / 2)
 
 
-@pytest.mark.skipif(not SHARED.exists(), reason="needs ../shared (stories260k)")
 def test_counts_a_real_model_folder_without_loading_it():
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    counts = param_counts_from_path(str(SHARED / "models" / "stories260k"), threshold=0)
+    counts = param_counts_from_path(str(ASSETS / "models" / "stories260k"), threshold=0)
     assert counts == {"n_params": 260032, "n_persistent": 0}
     with pytest.raises(FileNotFoundError, match=r"no config\.json"):
-        param_counts_from_path(str(SHARED / "data"))
+        param_counts_from_path(str(ASSETS / "data"))
 
 
-@pytest.mark.skipif(not SHARED.exists(), reason="needs ../shared (stories260k)")
 def test_preflight_reads_the_recipe_and_the_deepspeed_config(monkeypatch):
     from fastalign.config import SFTRecipe, load_config
     from fastalign.engine import build_ds_config, preflight
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    model = SHARED / "models" / "stories260k"
+    model = ASSETS / "models" / "stories260k"
 
     def run(*overrides: str, persistence: int = 0):
         cfg = load_config(SFTRecipe, None, [f"model.path={model}", "train.device=cpu", *overrides])

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 import torch
-
-SHARED = Path(__file__).resolve().parents[2].parent / "shared"
-pytestmark = pytest.mark.skipif(not SHARED.exists(), reason="needs ../shared/models/stories260k")
+from repo_assets import ASSETS
 
 
 @pytest.fixture(scope="module")
@@ -17,7 +14,7 @@ def model():
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from fastalign.models import load_causal_lm
 
-    return load_causal_lm(str(SHARED / "models" / "stories260k"), dtype="float32", attn_implementation="sdpa")
+    return load_causal_lm(str(ASSETS / "models" / "stories260k"), dtype="float32", attn_implementation="sdpa")
 
 
 def test_hidden_states_equal_the_decoder_output_and_restore_the_head(model):

@@ -17,12 +17,10 @@ import torch
 from launching import dist_env, free_port, run_launch
 
 HERE = Path(__file__).resolve().parent
-SHARED = Path(__file__).resolve().parents[2].parent / "shared"
 REPO = HERE.parents[1]
 
 pytestmark = [
     pytest.mark.distributed,
-    pytest.mark.skipif(not SHARED.exists(), reason="needs ../shared (stories260k model, preference data)"),
     pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed"),
 ]
 LAUNCH_TIMEOUT_S = 420

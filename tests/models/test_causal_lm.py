@@ -2,12 +2,13 @@
 / save_pretrained on the real 260K-parameter stories260k Llama."""
 
 import os
-from pathlib import Path
 
 import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from repo_assets import ASSETS
 
 from fastalign.models import (
     decoder_hidden_states,
@@ -18,8 +19,7 @@ from fastalign.models import (
     save_pretrained,
 )
 
-SHARED = Path(__file__).resolve().parents[2].parent / "shared"
-MODEL = SHARED / "models" / "stories260k"
+MODEL = ASSETS / "models" / "stories260k"
 pytestmark = pytest.mark.skipif(not MODEL.exists(), reason=f"needs the stories260k model at {MODEL}")
 LORA = {"r": 4, "alpha": 8, "dropout": 0.0}
 

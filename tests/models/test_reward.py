@@ -2,17 +2,17 @@
 LoRA, save/load round trips through plain transformers."""
 
 import os
-from pathlib import Path
 
 import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from repo_assets import ASSETS
+
 from fastalign.models import ValueHeadModel, load_reward_model, load_tokenizer, save_pretrained
 
-SHARED = Path(__file__).resolve().parents[2].parent / "shared"
-MODEL = SHARED / "models" / "stories260k"
+MODEL = ASSETS / "models" / "stories260k"
 needs_model = pytest.mark.skipif(not MODEL.exists(), reason=f"needs the stories260k model at {MODEL}")
 TEXTS = ["Once upon a time there was a little cat who liked milk.", "The dog ran."]
 
@@ -21,7 +21,6 @@ def _rewards(rm, enc):
     return rm(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits[:, 0]  # (B,)
 
 
-@needs_model
 def test_fresh_head_padding_invariant_and_round_trip(tmp_path):
     from transformers import AutoModelForSequenceClassification
 
@@ -44,7 +43,6 @@ def test_fresh_head_padding_invariant_and_round_trip(tmp_path):
     assert torch.equal(again.score.weight, rm.score.weight)
 
 
-@needs_model
 def test_reward_lora_trains_head_and_merges(tmp_path):
     from transformers import AutoModelForSequenceClassification
 
@@ -87,7 +85,6 @@ def test_encoder_backbone(tmp_path):
     assert vm(ids, mask).shape == (2, 5)
 
 
-@needs_model
 def test_value_head_round_trip(tmp_path):
     tok = load_tokenizer(str(MODEL))
     enc = tok(TEXTS, return_tensors="pt", padding=True)

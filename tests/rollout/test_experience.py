@@ -6,14 +6,12 @@ from __future__ import annotations
 import copy
 import os
 import socket
-from pathlib import Path
 
 import pytest
 import torch
+from repo_assets import ASSETS
 
-SHARED = Path(__file__).resolve().parents[2].parent / "shared"
-MODEL = SHARED / "models" / "stories260k"
-pytestmark = pytest.mark.skipif(not MODEL.exists(), reason="needs ../shared/models/stories260k")
+MODEL = ASSETS / "models" / "stories260k"
 
 PROMPTS = ["Once upon a time", "Tom had a big red ball", "The cat"]
 

@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import copy
 import os
-from pathlib import Path
 
 import pytest
 import torch
+from repo_assets import ASSETS
 
 from fastalign.config import GenerationConfig
 from fastalign.rollout.generate import Generations, generate
 
-SHARED = Path(__file__).resolve().parents[2].parent / "shared"
-MODEL = SHARED / "models" / "stories260k"
-pytestmark = pytest.mark.skipif(not MODEL.exists(), reason="needs ../shared/models/stories260k")
+MODEL = ASSETS / "models" / "stories260k"
 
 TEXTS = ["Once upon a time", "The cat", "Lily went to the park and saw"]  # different lengths
 

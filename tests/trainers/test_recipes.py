@@ -1,4 +1,4 @@
-"""End-to-end recipes on the real tiny model (stories260k) and real preference data (../shared).
+"""End-to-end recipes on the real tiny model (stories260k) and real preference data (assets/).
 
 Each recipe trains a few dozen steps: the loss falls, held-out accuracy beats chance where it is
 defined, fused and unfused paths follow the same trajectory, a SIGKILLed run resumes exactly, and
@@ -17,16 +17,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from repo_assets import ASSETS
 
 ROOT = Path(__file__).resolve().parents[2]
-SHARED = ROOT.parent / "shared"
-MODEL = SHARED / "models" / "stories260k"
-PANDALM = SHARED / "data" / "preferences" / "pandalm_testset_v1.jsonl"
-OASST = SHARED / "data" / "preferences" / "oasst_en_100_tree_pairs.jsonl"
-
-pytestmark = pytest.mark.skipif(
-    not MODEL.exists(), reason="needs ../shared (stories260k and preference data)"
-)
+MODEL = ASSETS / "models" / "stories260k"
+PANDALM = ASSETS / "data" / "preferences" / "pandalm_testset_v1.jsonl"
+OASST = ASSETS / "data" / "preferences" / "oasst_en_100_tree_pairs.jsonl"
 
 
 @pytest.fixture(autouse=True)

@@ -15,11 +15,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from repo_assets import ASSETS
 
 ROOT = Path(__file__).resolve().parents[2]
-SHARED = ROOT.parent / "shared"
-MODEL = SHARED / "models" / "stories260k"
-pytestmark = pytest.mark.skipif(not MODEL.exists(), reason="needs ../shared/models/stories260k")
+MODEL = ASSETS / "models" / "stories260k"
 
 STARTS = [
     "Once upon a time", "Lily went to the park", "Tom had a big red ball", "The cat sat on the mat",

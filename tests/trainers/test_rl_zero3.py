@@ -21,14 +21,13 @@ from pathlib import Path
 
 import pytest
 from launching import dist_env, free_port, run_launch
+from repo_assets import ASSETS
 
 ROOT = Path(__file__).resolve().parents[2]
-SHARED = Path(__file__).resolve().parents[2].parent / "shared"
-MODEL = SHARED / "models" / "stories260k"
+MODEL = ASSETS / "models" / "stories260k"
 
 pytestmark = [
     pytest.mark.distributed,
-    pytest.mark.skipif(not SHARED.exists(), reason="needs ../shared (stories260k model)"),
     pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed"),
 ]
 LAUNCH_TIMEOUT_S = 480

@@ -26,18 +26,17 @@ from pathlib import Path
 
 import pytest
 from launching import dist_env, free_port, run_launch
+from repo_assets import ASSETS
 
 ROOT = Path(__file__).resolve().parents[2]
-SHARED = Path(__file__).resolve().parents[2].parent / "shared"
-MODEL = SHARED / "models" / "stories260k"
-OASST = SHARED / "data" / "preferences" / "oasst_en_100_tree_pairs.jsonl"
+MODEL = ASSETS / "models" / "stories260k"
+OASST = ASSETS / "data" / "preferences" / "oasst_en_100_tree_pairs.jsonl"
 LAUNCH_TIMEOUT_S = 600  # a clean machine JIT-builds cpu_adam (~45 s on 2 cores) and the shm op (~50 s)
 STEPS = 4
 WALL: dict[str, float] = {}  # launch -> seconds, printed at the end of the module
 
 pytestmark = [
     pytest.mark.distributed,
-    pytest.mark.skipif(not SHARED.exists(), reason="needs ../shared (stories260k model, preference data)"),
     pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed"),
 ]
 

@@ -17,15 +17,14 @@ from pathlib import Path
 
 import pytest
 from launching import dist_env, free_port, run_launch
+from repo_assets import ASSETS
 
 ROOT = Path(__file__).resolve().parents[2]
-SHARED = Path(__file__).resolve().parents[2].parent / "shared"
-MODEL = SHARED / "models" / "stories260k"
-OASST = SHARED / "data" / "preferences" / "oasst_en_100_tree_pairs.jsonl"
+MODEL = ASSETS / "models" / "stories260k"
+OASST = ASSETS / "data" / "preferences" / "oasst_en_100_tree_pairs.jsonl"
 
 pytestmark = [
     pytest.mark.distributed,
-    pytest.mark.skipif(not SHARED.exists(), reason="needs ../shared (stories260k model, preference data)"),
     pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed"),
 ]
 LAUNCH_TIMEOUT_S = 420
