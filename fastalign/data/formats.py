@@ -5,8 +5,9 @@ TRL's: prompt, chosen, rejected (preference), prompt, completion, label (KTO), t
 prompt, completion (SFT), plus the optional "margin" (a number) and "p_chosen" (a soft label in
 [0, 1]) for preference rows.
 
-Detection (`fmt="auto"`) looks at the keys (and value types) of the first row that fits any format of
-the requested kind; rows before it that fit none are skipped as `missing_field`:
+Detection (`fmt="auto"`) looks at the keys (and value types) of each row; the file's format is the one
+most of its first 32 fitting rows have (`fastalign.data.loader`). A row that fits another format is
+skipped as `format_mismatch`, one that fits none as `missing_field`. Per row:
 
 - kind "preference": `chosen` and `rejected` present.
   * no `prompt`: "chat" if chosen is a list of messages, else "hh" (hh-rlhf transcripts);
@@ -33,18 +34,23 @@ A bad row raises RowError(reason, detail). Empty (or whitespace-only) text is `e
 prompts, SFT completions and `text`; an empty preference or KTO response is kept as a legitimate
 "said nothing" reply (just the EOS token; real preference sets contain such pairs), and an empty
 message list is always `empty_field`.
+
+CSV rows (`TextRow`) hold only strings: `label` is read from "true" / "false" / "1" / "0" (any case),
+`margin` and `p_chosen` from decimal text, and an empty margin / p_chosen cell means "not given".
 """
 
 from __future__ import annotations
 
 import math
 
-from fastalign.data.sources import RowError
+from fastalign.data.errors import RowError
+from fastalign.data.readers import TextRow
 
 KINDS = ("preference", "kto", "sft")
 FORMATS = {"preference": ("preference", "hh", "chat"), "kto": ("kto", "chat"), "sft": ("sft", "chat")}
 CANONICAL = ("prompt", "chosen", "rejected", "completion", "label", "messages", "text", "margin", "p_chosen")
 HH_ASSISTANT = "\n\nAssistant:"
+_TEXT_LABELS = {"true": True, "1": True, "false": False, "0": False}  # how CSV writers spell bools
 
 
 def check_columns(columns: dict[str, str] | None) -> dict[str, str]:
@@ -68,7 +74,7 @@ def rename(row: dict, columns: dict[str, str]) -> dict:
     """Apply the canonical -> source mapping; a mapped column missing from the row is `missing_field`."""
     if not columns:
         return row
-    out = {k: v for k, v in row.items() if k not in columns}
+    out = type(row)((k, v) for k, v in row.items() if k not in columns)  # a TextRow stays one
     for canonical, source in columns.items():
         if source not in row:
             raise RowError("missing_field", f"mapped column {source!r} (for {canonical!r}) is absent")
@@ -121,7 +127,10 @@ def _field(row: dict, name: str):
 def _string(row: dict, name: str, *, allow_empty: bool = False) -> str:
     value = _field(row, name)
     if not isinstance(value, str):
-        raise RowError("wrong_type", f"{name!r} must be a string, got {type(value).__name__}")
+        hint = ""
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            hint = f" {value!r:.40} (the source stores this column as numbers; store it as text)"
+        raise RowError("wrong_type", f"{name!r} must be a string, got {type(value).__name__}{hint}")
     if not allow_empty and not value.strip():
         raise RowError("empty_field", f"{name!r} is empty")
     return value
@@ -153,17 +162,32 @@ def _messages(value, name: str, *, allow_string_as_user: bool = False) -> list[d
 
 
 def _margin(row: dict, rec: dict) -> dict:
-    if "margin" in row:
-        m = row["margin"]
-        if isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m):
-            raise RowError("wrong_type", f"'margin' must be a finite number, got {m!r:.40}")
-        rec["margin"] = float(m)
-    if "p_chosen" in row:  # a soft label (fastalign cai label): P(chosen is preferred)
-        p = row["p_chosen"]
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
+    margin = _number(row, "margin")
+    if margin is not None:
+        rec["margin"] = margin
+    p = _number(row, "p_chosen")  # a soft label (fastalign cai label): P(chosen is preferred)
+    if p is not None:
+        if not 0.0 <= p <= 1.0:
             raise RowError("wrong_type", f"'p_chosen' must be a number in [0, 1], got {p!r:.40}")
-        rec["p_chosen"] = float(p)
+        rec["p_chosen"] = p
     return rec
+
+
+def _number(row: dict, name: str) -> float | None:
+    """The optional finite number `row[name]` (parsed when the row is CSV text), or None if absent."""
+    if name not in row:
+        return None
+    value = row[name]
+    if isinstance(row, TextRow) and isinstance(value, str):
+        if not value.strip():
+            return None
+        try:
+            value = float(value)
+        except ValueError:
+            raise RowError("wrong_type", f"{name!r} must be a number, got {value!r:.40}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise RowError("wrong_type", f"{name!r} must be a finite number, got {value!r:.40}")
+    return float(value)
 
 
 def _same(a, b) -> bool:
@@ -178,6 +202,8 @@ def _label(row: dict) -> bool:
         return value
     if isinstance(value, int) and value in (0, 1):
         return bool(value)
+    if isinstance(row, TextRow) and isinstance(value, str) and value.strip().lower() in _TEXT_LABELS:
+        return _TEXT_LABELS[value.strip().lower()]
     raise RowError("bad_label", f"'label' must be a bool (or 0 / 1), got {value!r:.40}")
 
 

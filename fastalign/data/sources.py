@@ -1,9 +1,13 @@
 """Raw rows from a data source, each with a `where` string for error messages.
 
-- `.jsonl` / `.ndjson`: read here, line by line, so a bad line is reported as `path:line` and skipped
-  instead of failing the whole file (blank lines are ignored; they are not rows).
-- `.json` (a list of objects, or `{"data": [...]}`), `.parquet`, `.csv` and `datasets.save_to_disk`
-  folders: read through the `datasets` library; `where` is `path:row N` (1-based).
+- `.jsonl` / `.ndjson`: read line by line (streaming), so a bad line is reported as `path:line` and
+  skipped instead of failing the whole file (blank lines are ignored; they are not rows).
+- `.json`: a list of objects or `{"data": [...]}` (rows named `path:line:column`), or JSON lines.
+- `.csv`: every value a string (`readers.TextRow`), rows named `path:line`.
+- each of these compressed: `.gz`, `.bz2`, `.xz`, `.zst` after the suffix (`pairs.jsonl.gz`),
+  decompressed while read (fastalign.data.compression); lines are those of the decompressed text.
+- `.parquet` and `datasets.save_to_disk` folders: read through the `datasets` library; `where` is
+  `path:row N` (1-based).
 - anything else that looks like `name` or `owner/name` and is not a local path: a Hugging Face hub
   dataset, `datasets.load_dataset(name, split=split)`. Offline, that fails with a message saying what
   to download and to pass a local path instead.
@@ -13,36 +17,28 @@ A local path that does not exist is a FileNotFoundError naming it. `datasets` is
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
 
+from fastalign.data import readers
+from fastalign.data.compression import COMPRESSIONS, split_compression
+from fastalign.data.errors import RawRow, RowError
 from fastalign.files import describe_missing
 
+__all__ = ["RawRow", "RowError", "iter_rows"]
+
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
-DATASETS_SUFFIXES = (".json", ".parquet", ".csv")
+TEXT_SUFFIXES = (*JSONL_SUFFIXES, ".json", ".csv")  # read here, plain or compressed
+LOCAL_SUFFIXES = (*TEXT_SUFFIXES, ".parquet", *COMPRESSIONS)
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-
-
-class RowError(Exception):
-    """A bad row: `reason` is the counted skip reason, `detail` says what was expected."""
-
-    def __init__(self, reason: str, detail: str):
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
-
-
-# One raw row: (where, row, None) for a parsed row, (where, None, RowError) for an unreadable one.
-RawRow = tuple[str, object, RowError | None]
 
 
 def _looks_local(source: str) -> bool:
     return (
         source.startswith(("/", ".", "~"))
-        or source.endswith(JSONL_SUFFIXES + DATASETS_SUFFIXES)
+        or source.lower().endswith(LOCAL_SUFFIXES)
         or not _HUB_NAME.match(source)
     )
 
@@ -65,43 +61,24 @@ def iter_rows(
 
 
 def _iter_local(path: Path, split: str) -> Iterator[RawRow]:
-    name = path.name.lower()
     if path.is_dir():
         return _iter_dataset(_load_from_disk(path, split), str(path))
-    if name.endswith(JSONL_SUFFIXES):
-        return _iter_jsonl(path)
-    if name.endswith(DATASETS_SUFFIXES):
-        return _iter_dataset(_load_file(path), str(path))
+    base, compression = split_compression(path.name.lower())
+    if base.endswith(JSONL_SUFFIXES):
+        return readers.iter_jsonl(path, compression)
+    if base.endswith(".json"):
+        if readers.json_layout(path, compression) == "document":
+            return readers.iter_json_document(path, compression)
+        return readers.iter_jsonl(path, compression)
+    if base.endswith(".csv"):
+        return readers.iter_csv(path, compression)
+    if base.endswith(".parquet") and compression is None:
+        return _iter_dataset(_load_parquet(path), str(path))
+    hint = " (parquet compresses internally: store it uncompressed)" if base.endswith(".parquet") else ""
     raise ValueError(
-        f"{path}: unsupported data file type; expected one of "
-        f"{', '.join(JSONL_SUFFIXES + DATASETS_SUFFIXES)} or a datasets.save_to_disk folder"
+        f"{path}: unsupported data file type{hint}; expected one of {', '.join(TEXT_SUFFIXES)} (each "
+        f"also compressed: {', '.join(COMPRESSIONS)}), .parquet, or a datasets.save_to_disk folder"
     )
-
-
-def _iter_jsonl(path: Path) -> Iterator[RawRow]:
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            where = f"{path}:{lineno}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                yield where, None, RowError("invalid_json", f"line is not valid UTF-8 ({e.reason})")
-                continue
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                yield where, None, RowError("invalid_json", f"{e.msg} at column {e.colno}")
-                continue
-            if not isinstance(row, dict):
-                yield (
-                    where,
-                    None,
-                    RowError("not_an_object", f"expected a JSON object, got {type(row).__name__}"),
-                )
-                continue
-            yield where, row, None
 
 
 def _iter_dataset(ds, name: str) -> Iterator[RawRow]:
@@ -109,22 +86,13 @@ def _iter_dataset(ds, name: str) -> Iterator[RawRow]:
         yield f"{name}:row {i}", row, None
 
 
-def _load_file(path: Path):
+def _load_parquet(path: Path):
     import datasets
 
-    builder = path.suffix.lower().lstrip(".")
-    kwargs = {}
-    if builder == "json":
-        with open(path, encoding="utf-8", errors="replace") as f:
-            head = f.read(4096).lstrip()
-        # A top-level object is the {"data": [...]} layout; a list or JSON lines need no field.
-        if head.startswith("{") and re.match(r'\{\s*"data"\s*:', head):
-            kwargs["field"] = "data"
     try:
-        return datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
+        return datasets.load_dataset("parquet", data_files=str(path), split="train")
     except Exception as e:
-        hint = ' (a .json file must hold a list of objects or {"data": [...]})' if builder == "json" else ""
-        raise ValueError(f"{path}: datasets could not read this {builder} file{hint}: {e}") from e
+        raise ValueError(f"{path}: datasets could not read this parquet file: {e}") from e
 
 
 def _load_from_disk(path: Path, split: str):

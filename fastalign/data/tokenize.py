@@ -15,13 +15,26 @@ Truncation: with `max_prompt_length`, a longer prompt keeps its LAST `max_prompt
 part next to the response). A prompt still `>= max_length` tokens is skipped as `prompt_too_long`.
 Responses are then cut to `max_length - len(prompt)` tokens, keeping their start (the EOS may be
 cut). `text` rows are cut to `max_length`. A row counts once as truncated, whichever part was cut.
+A preference pair whose chosen and rejected tokens are then equal is skipped: `identical_after_truncation`
+when the cut made them so, `identical_pair` when they tokenise alike uncut.
 """
 
 from __future__ import annotations
 
-from fastalign.data.sources import RowError
+from fastalign.data.errors import RowError
 
 IGNORE_INDEX = -100
+
+
+def _identical(cut: bool, room: int, max_length: int) -> RowError:
+    """Equal chosen and rejected tokens give the pair no training signal: skip it, saying why."""
+    if cut:
+        return RowError(
+            "identical_after_truncation",
+            f"chosen and rejected are the same in their first {room} tokens, all that fit "
+            f"max_length {max_length} after the {max_length - room}-token prompt",
+        )
+    return RowError("identical_pair", "chosen and rejected tokenise to the same ids")
 
 
 class Encoder:
@@ -65,8 +78,11 @@ class Encoder:
                 "prompt_too_long", f"prompt has {len(prompt)} tokens, max_length is {self.max_length}"
             )
         room = self.max_length - len(prompt)
-        truncated = truncated or any(len(r) > room for r in responses)
+        cut = any(len(r) > room for r in responses)
         responses = [r[:room] for r in responses]
+        if self.kind == "preference" and responses[0] == responses[1]:
+            raise _identical(cut, room, self.max_length)
+        truncated = truncated or cut
         if self.kind == "preference":
             ex = {"prompt_ids": prompt, "chosen_ids": responses[0], "rejected_ids": responses[1]}
             for key in ("margin", "p_chosen"):

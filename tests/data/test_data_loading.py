@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from repo_assets import ASSETS
 
-from fastalign.data import DataReport, load_examples
+from fastalign.data import DataReport, DataWarning, load_examples
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -66,10 +66,11 @@ def test_real_preference_files(tok, name):
         assert ex["prompt_ids"] == enc(tok, row["prompt"], special=True)
         assert ex["chosen_ids"] == [*enc(tok, row["chosen"]), tok.eos_token_id]
         assert ex["rejected_ids"] == [*enc(tok, row["rejected"]), tok.eos_token_id]
-    # Default max_length 512: the long prompts of the tiny tokenizer are skipped, counted, and named.
+    # Default max_length 512: the long prompts of the tiny tokenizer are skipped, counted, and named,
+    # and so are pairs the cut leaves identical (PandaLM lines 15-16; test_data_edges checks them).
     _, short = load_examples("preference", str(path), tok, max_rows=60)
     assert short.rows_read == 60 and short.kept + sum(short.skipped.values()) == 60
-    assert set(short.skipped) <= {"prompt_too_long"}
+    assert set(short.skipped) <= {"prompt_too_long", "identical_after_truncation"}
 
 
 def test_preference_tokens_and_margin(tok, tmp_path):
@@ -143,7 +144,8 @@ def test_kto_rows(tok, chat_tok, tmp_path):
             "label": 1,
         }
     ]
-    ex, rep = load_examples("kto", str(write_jsonl(tmp_path / "kc.jsonl", chat)), chat_tok)
+    with pytest.warns(DataWarning, match="all 1 kept KTO rows are desirable"):  # one label only
+        ex, rep = load_examples("kto", str(write_jsonl(tmp_path / "kc.jsonl", chat)), chat_tok)
     assert (
         rep.format == "chat" and ex[0]["completion_ids"] == enc(chat_tok, "Yo</s>") and ex[0]["label"] is True
     )
