@@ -70,7 +70,8 @@ def export_hf(engine_or_model, tokenizer, out_dir: str | os.PathLike, dtype: str
     """Rank 0 writes a plain transformers folder (config.json, model.safetensors, tokenizer files)
     from the consolidated weights; `dtype` ("float32" / "bfloat16" / "float16") casts them, None
     keeps the training dtype (fp32 under bf16 mixed precision: the master weights). Written
-    beside `out_dir` and renamed into place (never half-written).
+    beside `out_dir` and renamed into place (never half-written), with the permissions of the
+    process umask (`fastalign.models.export.atomic_folder`).
     Collective; every rank returns the resolved path after the write has finished."""
     from fastalign.models import resolve_dtype, unwrap_model
     from fastalign.models.export import atomic_folder

@@ -3,7 +3,10 @@
 config.json + safetensors weights (+ generation_config.json, tokenizer files), LoRA merged into the
 base weights by default, optionally cast. The folder is written beside `out_dir` under a temporary
 name and renamed into place, so a crash never leaves a half-written checkpoint where a loader (or a
-resume) would find it.
+resume) would find it. Before the rename every folder and file in it gets the permissions the
+process umask asks for: the temporary folder comes from `tempfile.mkdtemp` (always 0700) and some
+writers (safetensors' `model.safetensors`) create 0600 files, which left exports `drwx------` /
+`-rw-------` under umask 022, unreadable to the colleagues a 022 umask is meant to let in.
 """
 
 from __future__ import annotations
@@ -11,7 +14,9 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -99,11 +104,46 @@ def save_pretrained(
     return Path(out_dir).expanduser().resolve()
 
 
+def process_umask() -> int:
+    """The process umask. Read from /proc/self/status (Linux >= 4.7) where there is one: the
+    portable way, `os.umask` set-and-restore, briefly changes it for every thread."""
+    try:
+        m = re.search(r"^Umask:\s*([0-7]+)$", Path("/proc/self/status").read_text(), flags=re.M)
+    except OSError:
+        m = None
+    if m is not None:
+        return int(m.group(1), 8)
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(root: str | os.PathLike) -> None:
+    """Give `root` and everything under it the permissions a plain `mkdir` / `open(..., "w")`
+    would have had under the current umask: folders 0o777 & ~umask, files 0o666 & ~umask (0o777
+    & ~umask when the file has an execute bit). Symbolic links are left alone (Linux cannot
+    chmod a link, and following one could change a file outside `root`)."""
+    mask = process_umask()
+    folder_mode, file_mode, exec_mode = 0o777 & ~mask, 0o666 & ~mask, 0o777 & ~mask
+    root = Path(root)
+    os.chmod(root, folder_mode)
+    for here, folders, files in os.walk(root):
+        for name in folders:
+            path = os.path.join(here, name)
+            if not os.path.islink(path):
+                os.chmod(path, folder_mode)
+        for name in files:
+            path = os.path.join(here, name)
+            st = os.lstat(path)
+            if stat.S_ISREG(st.st_mode):
+                os.chmod(path, exec_mode if st.st_mode & 0o111 else file_mode)
+
+
 @contextmanager
 def atomic_folder(out_dir: str | os.PathLike, op: str) -> Iterator[Path]:
-    """Yield a temporary sibling folder of `out_dir` to write into; on success it replaces
-    `out_dir` (the old one is moved aside, then removed), on any error it is deleted, so readers
-    never see a half-written model folder."""
+    """Yield a temporary sibling folder of `out_dir` to write into; on success it gets the umask's
+    permissions (`apply_umask`) and replaces `out_dir` (the old one is moved aside, then
+    removed), on any error it is deleted, so readers never see a half-written model folder."""
     out = Path(out_dir).expanduser().resolve()
     if out.exists() and not out.is_dir():
         raise ValueError(f"{op}: {out} exists and is not a folder")
@@ -111,6 +151,7 @@ def atomic_folder(out_dir: str | os.PathLike, op: str) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         yield tmp
+        apply_umask(tmp)  # before the rename: the folder is never visible with mkdtemp's 0700
         old = None
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
