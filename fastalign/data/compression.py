@@ -19,7 +19,8 @@ from typing import BinaryIO
 
 COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".xz": "xz", ".zst": "zstd"}
 STREAM_ERRORS = (OSError, EOFError, lzma.LZMAError)
-_ZSTD_CHUNK = 1 << 16  # compressed bytes per read: bounds the memory one step of decompression takes
+_ZSTD_CHUNK = 1 << 16  # compressed bytes per read from disk
+_ZSTD_SLICE = 1 << 12  # compressed bytes per decompression step (see _ZstdReader)
 
 
 def split_compression(name: str) -> tuple[str, str | None]:
@@ -57,41 +58,45 @@ def _zstandard(path: Path):
 
 
 class _ZstdReader(io.RawIOBase):
-    """Decompresses a zstd file frame by frame. zstandard's own `stream_reader` returns a silent
-    short read on a truncated file; this reader raises EOFError when the input ends inside a frame,
-    as gzip, bz2 and lzma do."""
+    """Decompresses a zstd file frame by frame. zstandard's own `stream_reader` and `read_to_iter`
+    end silently on a truncated file; this reader raises EOFError when the input ends inside a
+    frame, as gzip, bz2 and lzma do. zstandard's decompressobj cannot cap its output, so input is
+    fed `_ZSTD_SLICE` bytes at a time: memory per step is that slice times the compression ratio."""
 
     def __init__(self, zstandard, raw: BinaryIO) -> None:
         self._zstd, self._raw = zstandard, raw
         self._dctx = zstandard.ZstdDecompressor()
         self._frame = None  # the decompressobj of the frame being read; None between frames
-        self._pending = b""
+        self._input = b""  # compressed bytes read but not yet decompressed
+        self._pending = b""  # decompressed bytes not yet returned
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer) -> int:
         while not self._pending:
-            chunk = self._raw.read(_ZSTD_CHUNK)
-            if not chunk:
-                if self._frame is not None:
-                    raise EOFError("zstd data ended inside a frame (truncated file?)")
-                return 0
-            self._decompress(chunk)
+            if not self._input:
+                self._input = self._raw.read(_ZSTD_CHUNK)
+                if not self._input:
+                    if self._frame is not None:
+                        raise EOFError("zstd data ended inside a frame (truncated file?)")
+                    return 0
+            piece, self._input = self._input[:_ZSTD_SLICE], self._input[_ZSTD_SLICE:]
+            self._decompress(piece)
         n = min(len(buffer), len(self._pending))
         buffer[:n] = self._pending[:n]
         self._pending = self._pending[n:]
         return n
 
-    def _decompress(self, chunk: bytes) -> None:
+    def _decompress(self, piece: bytes) -> None:
         try:
-            while chunk:  # one chunk may end one frame and start the next (concatenated .zst files)
+            while piece:  # a piece may end one frame and start the next (concatenated .zst files)
                 if self._frame is None:
                     self._frame = self._dctx.decompressobj()
-                self._pending += self._frame.decompress(chunk)
-                chunk = b""
+                self._pending += self._frame.decompress(piece)
+                piece = b""
                 if self._frame.eof:
-                    chunk, self._frame = self._frame.unused_data, None
+                    piece, self._frame = self._frame.unused_data, None
         except self._zstd.ZstdError as e:
             raise OSError(f"zstd: {e}") from e
 
