@@ -2,10 +2,10 @@
 
 Bad input never crashes deep inside and never passes silently: each bad row is skipped with a
 counted reason (the first five shown as "where: reason: detail"), or, with `strict=True`, the first
-one raises ValueError with that same message. Zero kept rows is a ValueError with the summary
-(`FormatUndetectedError` when no row fitted any format of the kind). Problems that concern the
-whole source rather than one row (missing file, unreadable file, no chat template on a chat row, a
-bad `columns` mapping) raise at once.
+one raises ValueError with that same message. Zero kept rows is a ValueError with the summary.
+Both are a `FormatUndetectedError` (a ValueError) when no row fitted any format of the kind.
+Problems that concern the whole source rather than one row (missing file, unreadable file, no chat
+template on a chat row, a bad `columns` mapping) raise at once.
 
 Format detection (`fmt="auto"`): rows are held back until `DETECT_ROWS` of them fit a format of the
 kind (or `HOLD_MAX` rows were read); the format most of them fit is the source's (ties: the one
@@ -70,6 +70,8 @@ class DataReport:
 
     def _skip(self, where: str, err: RowError, strict: bool) -> None:
         message = f"{where}: {err.reason}: {err.detail}"
+        if strict and self.format is None:  # no held row fitted a format
+            raise FormatUndetectedError(message, self)
         if strict:
             raise ValueError(message)
         self.skipped[err.reason] = self.skipped.get(err.reason, 0) + 1

@@ -3,9 +3,10 @@
     prompts, report = load_prompts("prompts.jsonl", tokenizer, max_prompt_length=256)
     prompts[0] == {"index": 0, "prompt_ids": [...], "prompt_text": "...", "columns": {...}}
 
-Sources are those of `fastalign.data.sources` (JSONL/NDJSON line by line, JSON/parquet/CSV and
-save_to_disk folders through `datasets`, hub names). Each row needs a `prompt` (after the
-`columns` mapping canonical name -> source column, e.g. {"prompt": "question"}):
+Sources are those of `fastalign.data.sources` (JSONL/NDJSON/JSON/CSV, each also .gz/.bz2/.xz/.zst,
+parquet and save_to_disk folders through `datasets`, hub names; CSV columns stay strings). Each
+row needs a `prompt` (after the `columns` mapping canonical name -> source column, e.g.
+{"prompt": "question"}):
 
 - a string. With `chat_template=True` and a tokenizer that has a chat template, it becomes one user
   turn rendered with the template and its generation prompt (what a chat model expects); otherwise

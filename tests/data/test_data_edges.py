@@ -100,6 +100,8 @@ def test_format_undetected_is_a_typed_error(tok, tmp_path):
     assert "format undetected" in str(info.value)  # the text fastalign/trainers/kto.py matches today
     assert str(info.value).startswith("no usable rows: Read 3 rows of kto data")
     assert info.value.report.rows_read == 3 and info.value.report.skipped == {"missing_field": 3}
+    with pytest.raises(FormatUndetectedError, match=rf"^{src}:1: missing_field: row fits no kto format"):
+        load_examples("kto", src, tok, strict=True)
     # zero kept rows of a detected format is a plain ValueError
     bad = write_jsonl(tmp_path / "b.jsonl", [{**PAIR, "prompt": ""}])
     with pytest.raises(ValueError, match=r"format preference\): kept 0") as info:
