@@ -24,19 +24,24 @@ def t(*v, dtype=torch.float32):
 # ---------------------------------------------------------------------------------------------
 # float64 ground truth, written from the formulas (naive log σ, no shared code with the losses)
 # ---------------------------------------------------------------------------------------------
-def naive_dpo(pc, pr, rc, rr, beta, loss_type, ls):
+def naive_dpo(pc, pr, rc, rr, beta, loss_type, ls, lengths=None):
     pc, pr, rc, rr = (x.double() for x in (pc, pr, rc, rr))
     lsig = lambda x: torch.log(torch.sigmoid(x))
     a, b = pc - rc, pr - rr
     u = a - b
     z = beta * u
     if loss_type == "sigmoid":
+        return -lsig(z)
+    if loss_type == "cdpo":
         return -(1 - ls) * lsig(z) - ls * lsig(-z)
     if loss_type == "robust":
         return (-(1 - ls) * lsig(z) + ls * lsig(-z)) / (1 - 2 * ls)
     if loss_type == "hinge":
         return torch.clamp(1 - z, min=0)
     if loss_type == "ipo":
+        n_c, n_r = (torch.ones_like(a), torch.ones_like(b)) if lengths is None else lengths
+        return (a / n_c - b / n_r - 1 / (2 * beta)) ** 2
+    if loss_type == "ipo_sum":
         return (u - 1 / (2 * beta)) ** 2
     if loss_type == "exo_pair":
         e = ls or 1e-3
@@ -44,7 +49,9 @@ def naive_dpo(pc, pr, rc, rr, beta, loss_type, ls):
     if loss_type == "nca_pair":
         return -lsig(beta * a) - 0.5 * lsig(-beta * a) - 0.5 * lsig(-beta * b)
     if loss_type == "bco_pair":
-        delta = beta * torch.cat([a, b]).mean()
+        return -lsig(beta * a) - lsig(-beta * b)
+    if loss_type == "bco_pair_shift":
+        delta = (beta * torch.cat([a, b]).mean()).detach()
         return -lsig(beta * a - delta) - lsig(-(beta * b - delta))
     if loss_type == "sppo_hard":
         return (a - 0.5 / beta) ** 2 + (b + 0.5 / beta) ** 2
@@ -74,19 +81,26 @@ def make_pairs(n=16, dtype=torch.float32, requires_grad=False):
 # ρ_c = 0.5, ρ_r = -0.5, u = ρ_c - ρ_r = 1, z = βu = 0.1
 HAND = {
     "sigmoid": -math.log(sig(0.1)),  # 0.6444
+    "cdpo": -math.log(sig(0.1)),  # label_smoothing 0: plain DPO
     "hinge": 0.9,
-    "ipo": (1 - 5) ** 2,  # 16
+    "ipo": (1 - 5) ** 2,  # 16 (no lengths: the log-probs are taken as per-token averages)
+    "ipo_sum": (1 - 5) ** 2,
     "exo_pair": sig(0.1) * (math.log(sig(0.1)) - math.log(1 - 1e-3))
     + sig(-0.1) * (math.log(sig(-0.1)) - math.log(1e-3)),
     "nca_pair": -math.log(sig(0.05)) - 0.5 * math.log(sig(-0.05)) - 0.5 * math.log(sig(0.05)),
-    # δ = mean(0.05, -0.05) = 0
     "bco_pair": -math.log(sig(0.05)) - math.log(sig(0.05)),
+    # δ = mean(0.05, -0.05) = 0
+    "bco_pair_shift": -math.log(sig(0.05)) - math.log(sig(0.05)),
     "sppo_hard": (0.5 - 5) ** 2 + (-0.5 + 5) ** 2,  # 40.5
     "apo_zero": (1 - sig(0.05)) + sig(-0.05),
     "apo_down": sig(0.05) + (1 - sig(0.1)),
     "discopop": -math.log(sig(0.1)) * (1 - sig(2.0)) + math.exp(-0.1) * sig(2.0),
     "robust": -math.log(sig(0.1)),  # label_smoothing 0: plain DPO
 }
+
+
+def test_hand_table_covers_every_loss_type():
+    assert set(HAND) == set(DPO_LOSS_TYPES)
 
 
 @pytest.mark.parametrize("loss_type", DPO_LOSS_TYPES)
@@ -98,31 +112,104 @@ def test_dpo_hand_computed(loss_type):
 
 def test_dpo_label_smoothing_hand_computed():
     args = (t(-1.0), t(-2.0), t(-1.5), t(-1.5))
-    cdpo = dpo_loss(*args, beta=0.1, label_smoothing=0.2)[0].item()
+    cdpo = dpo_loss(*args, beta=0.1, loss_type="cdpo", label_smoothing=0.2)[0].item()
     assert cdpo == pytest.approx(-0.8 * math.log(sig(0.1)) - 0.2 * math.log(sig(-0.1)), rel=1e-6)
     robust = dpo_loss(*args, beta=0.1, loss_type="robust", label_smoothing=0.2)[0].item()
     assert robust == pytest.approx((-0.8 * math.log(sig(0.1)) + 0.2 * math.log(sig(-0.1))) / 0.6, rel=1e-6)
 
 
-def test_bco_pair_uses_batch_mean_baseline():
+def test_sigmoid_with_label_smoothing_warns_and_computes_cdpo():
+    """TRL >= 1's sigmoid ignores label_smoothing; fastalign keeps TRL 0.x's cDPO for it (the
+    trainer's dpo.label_smoothing and soft labels rely on it) and says to write `cdpo`."""
+    pc, pr, rc, rr = make_pairs(n=6, dtype=torch.float64)
+    with pytest.warns(FutureWarning, match="loss_type='cdpo'"):
+        smoothed = dpo_loss(pc, pr, rc, rr, beta=0.3, label_smoothing=0.2)[0]
+    torch.testing.assert_close(
+        smoothed, dpo_loss(pc, pr, rc, rr, beta=0.3, loss_type="cdpo", label_smoothing=0.2)[0]
+    )
+    torch.testing.assert_close(smoothed, naive_dpo(pc, pr, rc, rr, 0.3, "cdpo", 0.2))
+    assert not torch.allclose(smoothed, dpo_loss(pc, pr, rc, rr, beta=0.3)[0])
+    with pytest.warns(FutureWarning, match="cdpo"):
+        dpo_loss(pc, pr, rc, rr, label_smoothing=torch.full((6,), 0.3, dtype=torch.float64))
+
+
+@pytest.mark.filterwarnings("error")
+def test_zero_label_smoothing_is_plain_sigmoid_bit_for_bit():
+    """Soft labels with p_chosen = 1 (ε = 0 per pair) must equal plain DPO exactly, with no
+    warning: the trainer's "p = 1 equals the hard-label run" relies on it."""
+    pc, pr, rc, rr = make_pairs(n=8, requires_grad=True)
+    plain = dpo_loss(pc, pr, rc, rr, beta=0.2)[0]
+    g_plain = torch.autograd.grad(plain.sum(), (pc, pr))
+    for lt in ("sigmoid", "cdpo"):
+        soft = dpo_loss(pc, pr, rc, rr, beta=0.2, loss_type=lt, label_smoothing=torch.zeros(8))[0]
+        assert torch.equal(soft, plain)
+        g_soft = torch.autograd.grad(soft.sum(), (pc, pr))
+        assert all(torch.equal(a, b) for a, b in zip(g_soft, g_plain, strict=True))
+        assert torch.equal(dpo_loss(pc, pr, rc, rr, beta=0.2, loss_type=lt)[0], plain)
+
+
+def test_bco_pair_has_no_shift_and_bco_pair_shift_uses_batch_mean():
     # ρ_c = [1, 3], ρ_r = [-1, 1], β = 1: δ = mean(1, 3, -1, 1) = 1
-    losses = dpo_loss(t(1.0, 3.0), t(-1.0, 1.0), t(0.0, 0.0), t(0.0, 0.0), beta=1.0, loss_type="bco_pair")[0]
+    args = (t(1.0, 3.0), t(-1.0, 1.0), t(0.0, 0.0), t(0.0, 0.0))
+    shifted = dpo_loss(*args, beta=1.0, loss_type="bco_pair_shift")[0]
     want = [-math.log(sig(0.0)) - math.log(sig(2.0)), -math.log(sig(2.0)) - math.log(sig(0.0))]
-    assert losses.tolist() == pytest.approx(want, rel=1e-6)
+    assert shifted.tolist() == pytest.approx(want, rel=1e-6)
+    plain = dpo_loss(*args, beta=1.0, loss_type="bco_pair")[0]
+    want = [-math.log(sig(1.0)) - math.log(sig(1.0)), -math.log(sig(3.0)) - math.log(sig(-1.0))]
+    assert plain.tolist() == pytest.approx(want, rel=1e-6)
 
 
+def test_ipo_divides_each_log_ratio_by_its_length():
+    # β = 0.1: ρ_c = 0.5 over 2 tokens, ρ_r = -0.5 over 4 tokens: margin 0.25 + 0.125 = 0.375
+    args = (t(-1.0), t(-2.0), t(-1.5), t(-1.5))
+    lengths = {"chosen_lengths": torch.tensor([2]), "rejected_lengths": torch.tensor([4])}
+    ipo, cr, rr = dpo_loss(*args, beta=0.1, loss_type="ipo", **lengths)
+    assert ipo.item() == pytest.approx((0.375 - 5) ** 2, rel=1e-6)
+    assert cr.item() == pytest.approx(0.05) and rr.item() == pytest.approx(-0.05)  # rewards: summed ρ
+    # ipo_sum never normalises; an empty completion counts as one token (as in TRL)
+    assert dpo_loss(*args, beta=0.1, loss_type="ipo_sum", **lengths)[0].item() == pytest.approx(16.0)
+    zero = dpo_loss(*args, beta=0.1, loss_type="ipo", chosen_lengths=t(0.0), rejected_lengths=t(1.0))[0]
+    assert zero.item() == pytest.approx(16.0, rel=1e-6)
+    # summed log-probs with lengths == the same pairs' average log-probs without lengths
+    pc, pr, rc, rr = make_pairs(n=6, dtype=torch.float64)
+    n_c, n_r = torch.tensor([1, 2, 3, 4, 5, 9]), torch.tensor([7, 1, 2, 8, 3, 3])
+    summed = dpo_loss(pc, pr, rc, rr, beta=0.4, loss_type="ipo", chosen_lengths=n_c, rejected_lengths=n_r)[0]
+    averaged = dpo_loss(pc / n_c, pr / n_r, rc / n_c, rr / n_r, beta=0.4, loss_type="ipo")[0]
+    torch.testing.assert_close(summed, averaged, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(summed, naive_dpo(pc, pr, rc, rr, 0.4, "ipo", 0.0, (n_c, n_r)))
+
+
+def test_dpo_lengths_errors():
+    x = torch.zeros(3)
+    with pytest.raises(ValueError, match="both chosen_lengths and rejected_lengths"):
+        dpo_loss(x, x, x, x, loss_type="ipo", chosen_lengths=torch.ones(3))
+    with pytest.raises(ValueError, match="rejected_lengths shape"):
+        dpo_loss(x, x, x, x, loss_type="ipo", chosen_lengths=torch.ones(3), rejected_lengths=torch.ones(2))
+    with pytest.raises(ValueError, match="chosen_lengths must hold finite token counts"):
+        dpo_loss(x, x, x, x, loss_type="ipo", chosen_lengths=-torch.ones(3), rejected_lengths=torch.ones(3))
+    with pytest.raises(TypeError, match="chosen_lengths must be a tensor"):
+        dpo_loss(x, x, x, x, loss_type="ipo", chosen_lengths=[1, 1, 1], rejected_lengths=torch.ones(3))
+
+
+def _maybe_cdpo(loss_type, ls):
+    """sigmoid with ε > 0 is cdpo (with a FutureWarning); everything else is itself."""
+    return "cdpo" if loss_type == "sigmoid" and ls else loss_type
+
+
+@pytest.mark.filterwarnings("ignore:dpo_loss. loss_type='sigmoid' with label_smoothing:FutureWarning")
 @pytest.mark.parametrize("loss_type", DPO_LOSS_TYPES)
 @pytest.mark.parametrize("beta,ls", [(0.1, 0.0), (0.5, 0.1)])
 def test_dpo_fp32_matches_float64(loss_type, beta, ls):
     pc, pr, rc, rr = make_pairs()
     losses, cr, rj = dpo_loss(pc, pr, rc, rr, beta=beta, loss_type=loss_type, label_smoothing=ls)
-    want = naive_dpo(pc, pr, rc, rr, beta, loss_type, ls)
+    want = naive_dpo(pc, pr, rc, rr, beta, _maybe_cdpo(loss_type, ls), ls)
     assert losses.dtype == torch.float32 and losses.shape == (16,)
     assert torch.allclose(losses.double(), want, rtol=1e-5, atol=1e-5)
     assert torch.allclose(cr.double(), beta * (pc.double() - rc.double()), rtol=1e-5, atol=1e-6)
     assert torch.allclose(rj.double(), beta * (pr.double() - rr.double()), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.filterwarnings("ignore:dpo_loss. loss_type='sigmoid' with label_smoothing:FutureWarning")
 @pytest.mark.parametrize("loss_type", DPO_LOSS_TYPES)
 def test_dpo_gradient_to_policy_not_rewards(loss_type):
     pc, pr, rc, rr = make_pairs(n=5, dtype=torch.float64, requires_grad=True)
@@ -130,15 +217,9 @@ def test_dpo_gradient_to_policy_not_rewards(loss_type):
     assert losses.requires_grad and not cr.requires_grad and not rj.requires_grad
     gp = torch.autograd.grad(losses.sum(), (pc, pr))
     assert all(torch.isfinite(g).all() for g in gp)
-    # ... and the gradient is the float64 formula's gradient (bco_pair's δ is detached in both).
+    # ... and the gradient is the float64 formula's gradient (bco_pair_shift's δ is detached in both).
     pc2, pr2 = pc.detach().clone().requires_grad_(), pr.detach().clone().requires_grad_()
-    a, b = pc2 - rc, pr2 - rr
-    if loss_type == "bco_pair":
-        delta = (0.3 * torch.cat([a, b]).mean()).detach()
-        lsig = lambda x: torch.log(torch.sigmoid(x))
-        want = -lsig(0.3 * a - delta) - lsig(-(0.3 * b - delta))
-    else:
-        want = naive_dpo(pc2, pr2, rc, rr, 0.3, loss_type, 0.1)
+    want = naive_dpo(pc2, pr2, rc, rr, 0.3, _maybe_cdpo(loss_type, 0.1), 0.1)
     gw = torch.autograd.grad(want.sum(), (pc2, pr2))
     for g, w in zip(gp, gw, strict=True):
         assert torch.allclose(g, w, rtol=1e-8, atol=1e-10)
@@ -292,7 +373,7 @@ def test_other_losses_errors():
         bradley_terry_loss(x, x, center_coef=-0.1)
 
 
-@pytest.mark.parametrize("loss_type", ["sigmoid", "robust"])
+@pytest.mark.parametrize("loss_type", ["cdpo", "robust"])
 def test_dpo_per_pair_label_smoothing_equals_scalar_per_row(loss_type):
     g = torch.Generator().manual_seed(0)
     pc, pr, rc, rr = (torch.randn(5, generator=g, dtype=torch.float64) for _ in range(4))
@@ -304,12 +385,17 @@ def test_dpo_per_pair_label_smoothing_equals_scalar_per_row(loss_type):
             label_smoothing=float(eps[i]),
         )  # fmt: skip
         assert losses[i].item() == pytest.approx(one.item(), rel=1e-12)
-    # sigmoid at ε = 0.5 (no preference) is symmetric in chosen/rejected; robust refuses it
+    # cdpo at ε = 0.5 (no preference) is symmetric in chosen/rejected; robust refuses it
     half = torch.full((5,), 0.5, dtype=torch.float64)
-    if loss_type == "sigmoid":
-        a, _, _ = dpo_loss(pc, pr, rc, rr, loss_type="sigmoid", label_smoothing=half)
-        b, _, _ = dpo_loss(pr, pc, rr, rc, loss_type="sigmoid", label_smoothing=half)
+    if loss_type == "cdpo":
+        a, _, _ = dpo_loss(pc, pr, rc, rr, loss_type="cdpo", label_smoothing=half)
+        b, _, _ = dpo_loss(pr, pc, rr, rc, loss_type="cdpo", label_smoothing=half)
         torch.testing.assert_close(a, b)
+        # ε = 1 per pair (p_chosen = 0) is the flipped preference
+        flipped, _, _ = dpo_loss(
+            pc, pr, rc, rr, loss_type="cdpo", label_smoothing=torch.ones(5, dtype=torch.float64)
+        )
+        torch.testing.assert_close(flipped, dpo_loss(pr, pc, rr, rc)[0])
     else:
         with pytest.raises(ValueError, match=r"\[0, 0.5\)"):
             dpo_loss(pc, pr, rc, rr, loss_type="robust", label_smoothing=half)
@@ -317,7 +403,7 @@ def test_dpo_per_pair_label_smoothing_equals_scalar_per_row(loss_type):
         dpo_loss(pc, pr, rc, rr, loss_type=loss_type, label_smoothing=eps[:3])
     with pytest.raises(ValueError, match="must be in"):
         dpo_loss(pc, pr, rc, rr, loss_type=loss_type, label_smoothing=eps + 0.7)
-    with pytest.raises(ValueError, match="sigmoid and robust"):
+    with pytest.raises(ValueError, match=r"works with cdpo .* and robust, not 'ipo'"):
         dpo_loss(pc, pr, rc, rr, loss_type="ipo", label_smoothing=eps)
 
 

@@ -6,13 +6,13 @@ just the attributes the loss code reads, and the model is a stub whose forward r
 per-token log-probs chosen by the test (TRL >= 1 computes log-probs with a fused LM head and reads
 `outputs.log_probs`). The loss code that runs is TRL's own.
 
-- DPO: TRL >= 1 computes the loss inside `DPOTrainer._compute_loss` (the trainer rewrite);
-  TRL 0.x had `DPOTrainer.dpo_loss`, which fastalign follows. Every loss type both share is
-  compared: the batch-mean loss, the gradient w.r.t. the per-token log-probs, and the reward
-  metrics. Where the installed TRL's definition differs from the TRL 0.x one (sigmoid with
-  label smoothing, ipo on summed log-probs, bco_pair's δ), the case is an xfail naming the
-  difference; fastalign's documented equivalent (ipo on average log-probs, exo_pair's default
-  ε) is checked as a passing case.
+- DPO: TRL >= 1 computes the loss inside `DPOTrainer._compute_loss` (the trainer rewrite), which
+  `dpo_loss` follows. Every loss type is compared: the batch-mean loss, the gradient w.r.t. the
+  per-token log-probs, and the reward metrics. Where TRL >= 1 has no name for a fastalign loss,
+  the case states TRL's equivalent: `sigmoid` with label_smoothing (TRL ignores ε), `cdpo` (TRL's
+  own sigmoid and robust code combined with loss_weights), ipo on average log-probs, exo_pair's
+  default ε. TRL 0.x had `DPOTrainer.dpo_loss`, whose three changed definitions fastalign keeps as
+  `cdpo`, `ipo_sum` and `bco_pair_shift`; that test runs when TRL 0.x is installed.
 - SimPO: `CPOTrainer.cpo_loss` with loss_type="simpo" (per example).
 - ORPO: `ORPOTrainer.odds_ratio_loss` (per example).
 - KTO: `KTOTrainer._compute_loss` (batch mean).
@@ -90,7 +90,7 @@ def _stub_model(token_logps: torch.Tensor):
 # ---------------------------------------------------------------------------------------------
 # DPO
 # ---------------------------------------------------------------------------------------------
-def _dpo_trainer(loss_type: str, label_smoothing: float, beta: float):
+def _dpo_trainer(loss_type: str | tuple[str, ...], label_smoothing: float, beta: float, weights=None):
     trainer = object.__new__(DPOTrainer)
     discopop_tau = _config_default(trl.DPOConfig, "discopop_tau")
     trainer.args = SimpleNamespace(discopop_tau=discopop_tau, gradient_checkpointing_kwargs=None)
@@ -98,8 +98,8 @@ def _dpo_trainer(loss_type: str, label_smoothing: float, beta: float):
     trainer.accelerator = _accelerator()
     trainer.beta = beta
     trainer.label_smoothing = label_smoothing
-    trainer.loss_types = [loss_type]
-    trainer.loss_weights = [1.0]
+    trainer.loss_types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
+    trainer.loss_weights = [1.0] if weights is None else list(weights)
     trainer.f_divergence_type = "reverse_kl"
     trainer.f_alpha_divergence_coef = 1.0
     trainer.ld_alpha = None
@@ -112,11 +112,11 @@ def _dpo_trainer(loss_type: str, label_smoothing: float, beta: float):
     return trainer
 
 
-def _trl_dpo(loss_type, label_smoothing, beta, batch, ref_chosen, ref_rejected):
+def _trl_dpo(loss_type, label_smoothing, beta, batch, ref_chosen, ref_rejected, weights=None):
     """TRL >= 1: the batch-mean loss, d loss / d token_logps, and the logged mean rewards."""
     input_ids, attention_mask, completion_mask, token_logps = batch
     token_logps = token_logps.clone().requires_grad_()
-    trainer = _dpo_trainer(loss_type, label_smoothing, beta)
+    trainer = _dpo_trainer(loss_type, label_smoothing, beta, weights)
     inputs = {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
@@ -130,83 +130,78 @@ def _trl_dpo(loss_type, label_smoothing, beta, batch, ref_chosen, ref_rejected):
     return loss.detach(), token_logps.grad, metrics["rewards/chosen"][-1], metrics["rewards/rejected"][-1]
 
 
-def _fastalign_dpo(loss_type, label_smoothing, beta, batch, ref_chosen, ref_rejected, average=False):
+def _fastalign_dpo(loss_type, label_smoothing, beta, batch, ref_chosen, ref_rejected, inputs="summed"):
+    """inputs: "summed" log-probs, "summed+lengths" (with the completion lengths), or "average"
+    log-probs (policy and reference divided by the completion length)."""
     _, _, completion_mask, token_logps = batch
     token_logps = token_logps.clone().requires_grad_()
     mask = completion_mask[:, 1:]
     seq = sequence_logps(token_logps, mask)
     ref_c, ref_r = ref_chosen, ref_rejected
-    if average:  # length-normalised scores: divide policy and reference by the completion length
-        n = mask.sum(-1).clamp_min(1).to(seq.dtype)
-        seq = seq / n
-        ref_c, ref_r = ref_c / n[:B], ref_r / n[B:]
+    n = mask.sum(-1)
+    kw = {}
+    if inputs == "average":  # length-normalised scores: divide policy and reference by the completion length
+        seq = seq / n.clamp_min(1).to(seq.dtype)
+        ref_c, ref_r = ref_c / n[:B].clamp_min(1), ref_r / n[B:].clamp_min(1)
+    elif inputs == "summed+lengths":
+        kw = {"chosen_lengths": n[:B], "rejected_lengths": n[B:]}
     losses, cr, rr = dpo_loss(
-        seq[:B], seq[B:], ref_c, ref_r, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing
+        seq[:B], seq[B:], ref_c, ref_r, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, **kw
     )
     loss = losses.mean()
     loss.backward()
     return loss.detach(), token_logps.grad, cr.mean().item(), rr.mean().item()
 
 
-# (id, fastalign loss_type, label_smoothing, TRL loss_type, TRL label_smoothing, average,
-#  xfail reason on TRL >= 1)
+def _cdpo_weights(eps):
+    """cDPO = (1−ε)·A + ε·B with A = −log σ(z), B = −log σ(−z); TRL >= 1 has A (sigmoid) and
+    robust_ε = ((1−ε)·A − ε·B)/(1−2ε), so cDPO = 2(1−ε)·sigmoid − (1−2ε)·robust_ε."""
+    return (2 * (1 - eps), -(1 - 2 * eps))
+
+
+# (id, fastalign loss_type, label_smoothing, fastalign inputs, TRL loss_type(s), TRL label_smoothing,
+#  TRL loss_weights)
 DPO_CASES = [
-    ("sigmoid", "sigmoid", 0.0, "sigmoid", 0.0, False, None),
-    (
-        "sigmoid-ls0.1",
-        "sigmoid",
-        0.1,
-        "sigmoid",
-        0.1,
-        False,
-        "TRL >= 1 sigmoid ignores label_smoothing (plain −log σ(βu)); fastalign (TRL 0.x) applies cDPO "
-        "smoothing −(1−ε)·log σ(βu) − ε·log σ(−βu)",
-    ),
-    ("robust", "robust", 0.0, "robust", 0.0, False, None),
-    ("robust-ls0.1", "robust", 0.1, "robust", 0.1, False, None),
-    ("hinge", "hinge", 0.0, "hinge", 0.0, False, None),
-    (
-        "ipo-summed",
-        "ipo",
-        0.0,
-        "ipo",
-        0.0,
-        False,
-        "TRL >= 1 ipo divides each log-ratio by its completion length; fastalign (TRL 0.x) uses the "
-        "un-normalised (u − 1/(2β))² on the log-probs it is given",
-    ),
-    ("ipo-average", "ipo", 0.0, "ipo", 0.0, True, None),
-    ("exo_pair-ls0.1", "exo_pair", 0.1, "exo_pair", 0.1, False, None),
+    ("sigmoid", "sigmoid", 0.0, "summed", "sigmoid", 0.0, None),
+    # TRL >= 1's sigmoid ignores label_smoothing: its result is fastalign's sigmoid with ε = 0
+    ("sigmoid-trl-ls0.1-is-plain-dpo", "sigmoid", 0.0, "summed", "sigmoid", 0.1, None),
+    # cDPO (TRL 0.x's sigmoid with label smoothing) from TRL >= 1's own sigmoid and robust code
+    ("cdpo-ls0.1", "cdpo", 0.1, "summed", ("sigmoid", "robust"), 0.1, _cdpo_weights(0.1)),
+    ("cdpo-ls0.3", "cdpo", 0.3, "summed", ("sigmoid", "robust"), 0.3, _cdpo_weights(0.3)),
+    ("robust", "robust", 0.0, "summed", "robust", 0.0, None),
+    ("robust-ls0.1", "robust", 0.1, "summed", "robust", 0.1, None),
+    ("hinge", "hinge", 0.0, "summed", "hinge", 0.0, None),
+    ("ipo-summed-with-lengths", "ipo", 0.0, "summed+lengths", "ipo", 0.0, None),
+    ("ipo-average", "ipo", 0.0, "average", "ipo", 0.0, None),
+    ("exo_pair-ls0.1", "exo_pair", 0.1, "summed", "exo_pair", 0.1, None),
     # fastalign substitutes ε = 1e-3 for label_smoothing 0 (TRL 0.x did the same; TRL >= 1 refuses 0)
-    ("exo_pair-default-eps", "exo_pair", 0.0, "exo_pair", EXO_DEFAULT_EPSILON, False, None),
-    ("nca_pair", "nca_pair", 0.0, "nca_pair", 0.0, False, None),
-    (
-        "bco_pair",
-        "bco_pair",
-        0.0,
-        "bco_pair",
-        0.0,
-        False,
-        "TRL >= 1 bco_pair drops the reward shift δ: −log σ(βρ_c) − log σ(−βρ_r); fastalign (TRL 0.x, "
-        "first step of RunningMoments) subtracts δ = mean(β·[ρ_c; ρ_r])",
-    ),
-    ("sppo_hard", "sppo_hard", 0.0, "sppo_hard", 0.0, False, None),
-    ("apo_zero", "apo_zero", 0.0, "apo_zero", 0.0, False, None),
-    ("apo_down", "apo_down", 0.0, "apo_down", 0.0, False, None),
-    ("discopop", "discopop", 0.0, "discopop", 0.0, False, None),
+    ("exo_pair-default-eps", "exo_pair", 0.0, "summed", "exo_pair", EXO_DEFAULT_EPSILON, None),
+    ("nca_pair", "nca_pair", 0.0, "summed", "nca_pair", 0.0, None),
+    ("bco_pair", "bco_pair", 0.0, "summed", "bco_pair", 0.0, None),
+    ("sppo_hard", "sppo_hard", 0.0, "summed", "sppo_hard", 0.0, None),
+    ("apo_zero", "apo_zero", 0.0, "summed", "apo_zero", 0.0, None),
+    ("apo_down", "apo_down", 0.0, "summed", "apo_down", 0.0, None),
+    ("discopop", "discopop", 0.0, "summed", "discopop", 0.0, None),
     # TRL >= 1 "sigmoid_norm" is DPO on length-normalised log-ratios = fastalign sigmoid on averages
-    ("sigmoid_norm-vs-sigmoid-average", "sigmoid", 0.0, "sigmoid_norm", 0.0, True, None),
+    ("sigmoid_norm-vs-sigmoid-average", "sigmoid", 0.0, "average", "sigmoid_norm", 0.0, None),
 ]
+
+
+def test_every_trl_definition_has_a_case():
+    """Each fastalign loss type whose definition is TRL >= 1's is compared with TRL under its own
+    name (cdpo through TRL's combination); the TRL 0.x forms are checked by the legacy test."""
+    covered = {case[1] for case in DPO_CASES}
+    assert covered == set(DPO_LOSS_TYPES) - set(FASTALIGN_FOR_TRL0.values()) | {"cdpo"}
 
 
 @pytest.mark.skipif(not TRL_HAS_COMPUTE_LOSS, reason=f"TRL {TRL_VERSION} has no DPOTrainer._compute_loss")
 @pytest.mark.parametrize("beta", [0.1, 0.5])
 @pytest.mark.parametrize(
-    ("fa_type", "fa_ls", "trl_type", "trl_ls", "average", "xfail_reason"),
+    ("fa_type", "fa_ls", "inputs", "trl_type", "trl_ls", "weights"),
     [case[1:] for case in DPO_CASES],
     ids=[case[0] for case in DPO_CASES],
 )
-def test_dpo_matches_trl(fa_type, fa_ls, trl_type, trl_ls, average, xfail_reason, beta):
+def test_dpo_matches_trl(fa_type, fa_ls, inputs, trl_type, trl_ls, weights, beta):
     if trl_type == "discopop":
         assert _config_default(trl.DPOConfig, "discopop_tau") == DISCOPOP_TAU
     g = torch.Generator().manual_seed(1234)
@@ -214,28 +209,37 @@ def test_dpo_matches_trl(fa_type, fa_ls, trl_type, trl_ls, average, xfail_reason
     ref = -torch.rand(2 * B, generator=g, dtype=torch.float64) * 3 * (T - 4)
     ref_chosen, ref_rejected = ref[:B], ref[B:]
 
-    trl_loss, trl_grad, trl_cr, trl_rr = _trl_dpo(trl_type, trl_ls, beta, batch, ref_chosen, ref_rejected)
+    trl_loss, trl_grad, trl_cr, trl_rr = _trl_dpo(
+        trl_type, trl_ls, beta, batch, ref_chosen, ref_rejected, weights
+    )
     fa_loss, fa_grad, fa_cr, fa_rr = _fastalign_dpo(
-        fa_type, fa_ls, beta, batch, ref_chosen, ref_rejected, average=average
+        fa_type, fa_ls, beta, batch, ref_chosen, ref_rejected, inputs
     )
-    same = torch.allclose(fa_loss, trl_loss, rtol=RTOL, atol=ATOL) and torch.allclose(
-        fa_grad, trl_grad, rtol=RTOL, atol=ATOL
-    )
-    if xfail_reason is not None:
-        if same:
-            pytest.fail(f"expected a difference ({xfail_reason}) but fastalign matches TRL {TRL_VERSION}")
-        pytest.xfail(f"TRL {TRL_VERSION}: {xfail_reason}")
     torch.testing.assert_close(fa_loss, trl_loss, rtol=RTOL, atol=ATOL)
     torch.testing.assert_close(fa_grad, trl_grad, rtol=RTOL, atol=ATOL)
-    if not average:  # TRL logs rewards of the summed log-ratios
+    if inputs != "average":  # TRL logs rewards of the summed log-ratios
         assert fa_cr == pytest.approx(trl_cr, rel=1e-9, abs=1e-9)
         assert fa_rr == pytest.approx(trl_rr, rel=1e-9, abs=1e-9)
 
 
-# TRL 0.x: DPOTrainer.dpo_loss, the definition fastalign follows: every type must match exactly,
-# per example, including label smoothing, bco_pair's δ (first RunningMoments step) and exo_pair's
-# ε = 1e-3 substitute.
-LEGACY_CASES = [(lt, 0.0) for lt in DPO_LOSS_TYPES] + [(lt, 0.1) for lt in ("sigmoid", "robust", "exo_pair")]
+def test_cdpo_differs_from_trl_sigmoid():
+    """The cdpo case is not vacuous: with ε > 0 it differs from TRL >= 1's plain sigmoid."""
+    if not TRL_HAS_COMPUTE_LOSS:
+        pytest.skip(f"TRL {TRL_VERSION} has no DPOTrainer._compute_loss")
+    g = torch.Generator().manual_seed(1234)
+    batch = _batch(2 * B, g)
+    ref = -torch.rand(2 * B, generator=g, dtype=torch.float64) * 3 * (T - 4)
+    trl_loss = _trl_dpo("sigmoid", 0.1, 0.1, batch, ref[:B], ref[B:])[0]
+    fa_loss = _fastalign_dpo("cdpo", 0.1, 0.1, batch, ref[:B], ref[B:])[0]
+    assert abs(fa_loss - trl_loss) > 1e-3
+
+
+# TRL 0.x: DPOTrainer.dpo_loss. Every type must match exactly, per example, including label
+# smoothing, bco_pair's δ (first RunningMoments step) and exo_pair's ε = 1e-3 substitute; the three
+# definitions TRL >= 1 changed are fastalign's cdpo, ipo_sum and bco_pair_shift.
+FASTALIGN_FOR_TRL0 = {"sigmoid": "cdpo", "ipo": "ipo_sum", "bco_pair": "bco_pair_shift"}
+TRL0_LOSS_TYPES = DPO_LOSS_TYPES[: DPO_LOSS_TYPES.index("discopop") + 1]  # TRL 0.x's eleven names
+LEGACY_CASES = [(lt, 0.0) for lt in TRL0_LOSS_TYPES] + [(lt, 0.1) for lt in ("sigmoid", "robust", "exo_pair")]
 
 
 def _legacy_dpo_trainer(loss_type: str, label_smoothing: float, beta: float):
@@ -274,7 +278,8 @@ def test_dpo_matches_trl_legacy_dpo_loss(loss_type, label_smoothing, beta):
         t_losses, t_cr, t_rr = trainer.dpo_loss(*args, loss_type=loss_type)
     else:
         t_losses, t_cr, t_rr = trainer.dpo_loss(*args)
-    f_losses, f_cr, f_rr = dpo_loss(*args, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)
+    fa_type = FASTALIGN_FOR_TRL0.get(loss_type, loss_type)
+    f_losses, f_cr, f_rr = dpo_loss(*args, beta=beta, loss_type=fa_type, label_smoothing=label_smoothing)
     torch.testing.assert_close(f_losses, t_losses, rtol=RTOL, atol=ATOL)
     torch.testing.assert_close(f_cr, t_cr)
     torch.testing.assert_close(f_rr, t_rr)
