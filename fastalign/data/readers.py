@@ -11,7 +11,7 @@ are those of the decompressed text; the path is the file's own (e.g. "pairs.json
 - CSV values are all strings (`TextRow`): CSV has no types, and guessing them turns answers
   such as " 4." into floats. The fields that must be numbers (label, margin, p_chosen) are
   parsed from text by `fastalign.data.formats`. A row with the wrong number of fields is
-  `invalid_csv`; an unreadable file (bad UTF-8, a NUL byte) is a ValueError naming the line.
+  `invalid_csv`; an unreadable file (bad UTF-8, a corrupt stream) is a ValueError naming the line.
 """
 
 from __future__ import annotations
