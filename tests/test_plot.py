@@ -1,20 +1,61 @@
-"""fastalign.plot: PNG curves per metric group from metrics.jsonl, single run and overlays."""
+"""fastalign.plot: PNG curves per metric group from metrics.jsonl, single run and overlays, and
+what makes them readable (issue 16): kl / kl_coef in distinct colours with matching axes,
+accuracy on its own 0–1 panel, a log axis when overlaid losses differ by orders of magnitude, the
+legend outside the data, the watch's warnings labelled with their kind, where the PNGs went.
+
+The synthetic runs below have the shapes and magnitudes real runs log (DPO rewards to ±12,
+IPO losses in the thousands next to SimPO's ~1, a PPO KL of tens of nats with an adaptive
+kl_coef ~0.05, warnings written by the real RewardHackingWatch)."""
 
 from __future__ import annotations
 
 import json
 import math
+import random
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-from fastalign.plot import metric_group, plot_run, plot_runs
+from fastalign.plot import (
+    describe_written,
+    metric_group,
+    overlay_dir,
+    plot,
+    plot_run,
+    plot_runs,
+    read_watch_warnings,
+)
+from fastalign.rollout.watch import RewardHackingWatch
 from fastalign.trainers.metrics import MetricsLogger
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.fixture
+def figures(monkeypatch) -> dict:
+    """{png file name: the Figure saved there} for every plot written during the test (the PNGs
+    are still written), so a test checks what is drawn, not only that a file exists."""
+    from matplotlib.figure import Figure
+
+    seen: dict = {}
+    real_savefig = Figure.savefig
+
+    def spy(fig, path, **kw):
+        seen[Path(path).name] = fig
+        return real_savefig(fig, path, **kw)
+
+    monkeypatch.setattr(Figure, "savefig", spy)
+    return seen
+
+
+def _lines(ax) -> dict[str, object]:
+    """The labelled lines of `ax` (not the dots of isolated points, nor the warning markers)."""
+    return {ln.get_label(): ln for ln in ax.get_lines() if not ln.get_label().startswith("_")}
+
+
 def write_run(run_dir, steps: int = 6, scale: float = 1.0) -> None:
-    """A synthetic DPO-like run: every key the trainers log, eval every 3 steps, one NaN."""
+    """A small DPO-like run: every key the trainers log, eval every 3 steps, one NaN."""
     with MetricsLogger(run_dir, tensorboard=False) as logger:
         for step in range(1, steps + 1):
             m = {
@@ -41,23 +82,82 @@ def write_run(run_dir, steps: int = 6, scale: float = 1.0) -> None:
                 )
 
 
-EXPECTED = [
-    "loss",
-    "kl",
-    "rewards",
-    "logps",
-    "grad_norm",
-    "lr",
-    "tokens_per_s",
-    "peak_mem_mb",
-    "epoch",
-]
+# loss at step 1 and at the end of a 40-step run, per DPO loss type (IPO's squared summed-log-prob
+# margin is in the thousands; SimPO's length-normalised one ~1)
+LOSS_TYPES = {
+    "sigmoid": (0.693, 0.25),
+    "hinge": (1.0, 0.3),
+    "ipo": (2500.0, 180.0),
+    "robust": (0.75, 0.3),
+    "bco_pair": (0.7, 0.35),
+    "sppo_hard": (40.0, 9.0),
+    "simpo": (1.4, 0.45),
+    "apo_zero": (0.9, 0.5),
+}
+
+
+def write_dpo_run(run_dir, loss_type: str = "sigmoid", steps: int = 40, seed: int = 0) -> None:
+    """A DPO run of `loss_type` with realistic magnitudes: rewards to about +2 / −10, margins to
+    12, accuracy 0.5 → 0.95, eval every 10 steps."""
+    rng = random.Random(seed)
+    start, end = LOSS_TYPES[loss_type]
+    with MetricsLogger(run_dir, tensorboard=False) as logger:
+        for step in range(1, steps + 1):
+            t = step / steps
+            loss = start * (end / start) ** t * (1 + 0.08 * rng.uniform(-1, 1))
+            chosen, rejected = 2.0 * t + rng.uniform(-0.3, 0.3), -10.0 * t + rng.uniform(-0.5, 0.5)
+            m = {
+                "loss": loss,
+                "rewards/chosen": chosen,
+                "rewards/rejected": rejected,
+                "rewards/margins": chosen - rejected,
+                "rewards/accuracies": min(1.0, 0.5 + 0.45 * t + rng.uniform(-0.05, 0.05)),
+            }
+            logger.log(step, m)
+            if step % 10 == 0:
+                logger.log(step, {k: v * 1.05 for k, v in m.items() if k != "rewards/accuracies"}, "eval")
+
+
+WATCH = SimpleNamespace(  # fastalign's WatchConfig fields, smaller windows for a 30-step run
+    length_drift=0.5, length_window=5, kl_threshold=20.0, reward_kl_window=5, kl_blowup=4.0, kl_floor=1.0
+)
+
+
+def write_ppo_run(run_dir, steps: int = 30, warnings_log: bool = True) -> list[str]:
+    """A PPO run whose policy drifts: KL climbs to ~50 nats/sequence, the adaptive kl_coef follows
+    (0.05 → ~0.2), responses grow, reward rises. The real watch decides which warnings fire and
+    its lines go to warnings.log the way the rollout loop writes them; returns those lines."""
+    watch, fired = RewardHackingWatch(WATCH), []
+    with MetricsLogger(run_dir, tensorboard=False) as logger:
+        for step in range(1, steps + 1):
+            kl = 0.5 if step <= 8 else 0.5 + 2.2 * (step - 8)  # quiet, then running away
+            m = {
+                "loss": 0.3 / step - 0.05,  # PPO's clipped objective goes negative
+                "reward/mean": 0.1 + 0.025 * step,
+                "reward/std": 0.1,
+                "reward/raw_mean": 0.2 + 0.03 * step,
+                "reward/raw_std": 0.15,
+                "reward/clipped_frac": min(1.0, 0.01 * step),
+                "kl": kl,
+                "kl_coef": 0.05 * (1 + 0.05 * step),
+                "response/length": 20.0 if step < 22 else 20.0 + 4 * (step - 21),
+            }
+            lines = watch.update(step, m)
+            m["watch/warnings"] = float(len(lines))
+            fired += lines
+            logger.log(step, m)
+    if warnings_log:
+        (Path(run_dir) / "warnings.log").write_text("".join(f"{w}\n" for w in fired))
+    return fired
 
 
 def assert_png(path) -> None:
     data = path.read_bytes()
     assert data[:8] == PNG_MAGIC, path
     assert len(data) > 1000, path
+
+
+EXPECTED = ["loss", "kl", "rewards", "logps", "grad_norm", "lr", "tokens_per_s", "peak_mem_mb", "epoch"]
 
 
 def test_metric_group():
@@ -78,34 +178,179 @@ def test_plot_run_writes_one_png_per_group(tmp_path):
     assert sorted(p.name for p in (run / "plots").iterdir()) == sorted(f"{g}.png" for g in EXPECTED)
 
 
-def test_plot_run_draws_train_and_eval(tmp_path, monkeypatch):
-    """Check what is drawn (not just that a file exists): capture the Axes before saving."""
-    from matplotlib.figure import Figure
-
-    drawn: dict[str, dict[str, tuple]] = {}
-    real_savefig = Figure.savefig
-
-    def spy(fig, path, **kw):
-        ax = fig.axes[0]
-        drawn[str(path).rsplit("/", 1)[-1]] = {
-            line.get_label(): (list(line.get_xdata()), list(line.get_ydata()), line.get_marker())
-            for line in ax.get_lines()
-        }
-        return real_savefig(fig, path, **kw)
-
-    monkeypatch.setattr(Figure, "savefig", spy)
+def test_plot_run_draws_train_and_eval(tmp_path, figures):
     write_run(tmp_path)
     plot_run(tmp_path, tmp_path / "out")
-    assert set(drawn["loss.png"]) == {"train/loss", "train/nll", "eval/loss"}
-    xs, ys, marker = drawn["loss.png"]["eval/loss"]
-    assert xs == [3, 6] and ys == pytest.approx([1 / 3, 1 / 6]) and marker == "o"
-    assert drawn["loss.png"]["train/loss"][2] in ("None", "", None)  # train: plain line
-    assert set(drawn["rewards.png"]) == {
-        f"{s}/rewards/{k}" for s in ("train", "eval") for k in ("chosen", "rejected", "accuracies", "margins")
+    loss = _lines(figures["loss.png"].axes[0])
+    assert set(loss) == {"train/loss", "train/nll", "eval/loss"}
+    eval_loss = loss["eval/loss"]
+    assert list(eval_loss.get_xdata()) == [3, 6] and list(eval_loss.get_ydata()) == pytest.approx(
+        [1 / 3, 1 / 6]
+    )
+    assert eval_loss.get_marker() == "o" and loss["train/loss"].get_marker() in ("None", "", None)
+    # train and eval of one key share its colour (the marker tells them apart)
+    assert eval_loss.get_color() == loss["train/loss"].get_color() != loss["train/nll"].get_color()
+    rewards = figures["rewards.png"].axes
+    assert set(_lines(rewards[0])) == {
+        f"{s}/rewards/{k}" for s in ("train", "eval") for k in ("chosen", "rejected", "margins")
     }
-    assert set(drawn["kl.png"]) == {"train/kl/mean", "train/kl/max"}
-    xs, ys, _ = drawn["grad_norm.png"]["train/grad_norm"]
+    assert set(_lines(rewards[1])) == {"train/rewards/accuracies", "eval/rewards/accuracies"}
+    assert set(_lines(figures["kl.png"].axes[0])) == {"train/kl/mean", "train/kl/max"}
+    xs = list(_lines(figures["grad_norm.png"].axes[0])["train/grad_norm"].get_xdata())
+    ys = list(_lines(figures["grad_norm.png"].axes[0])["train/grad_norm"].get_ydata())
     assert xs == [1, 2, 3, 4, 5, 6] and math.isnan(ys[1])  # a NaN logged as null: a gap, not dropped
+    # step 1 sits alone before the gap: a line draws nothing there, so it gets a dot
+    dots = [ln for ln in figures["grad_norm.png"].axes[0].get_lines() if ln.get_label() == "_nolegend_"]
+    assert [(list(d.get_xdata()), list(d.get_ydata())) for d in dots] == [([1], [1.0])]
+
+
+def test_kl_and_kl_coef_have_distinct_colours_and_axes_labelled_in_them(tmp_path, figures):
+    write_ppo_run(tmp_path / "ppo")
+    plot_run(tmp_path / "ppo")
+    fig = figures["kl.png"]
+    main, twin = fig.axes  # kl on the left axis, kl_coef on a twin axis sharing the steps
+    kl, coef = _lines(main)["train/kl"], _lines(twin)["train/kl_coef"]
+    assert kl.get_color() != coef.get_color()
+    for ax, line, side in ((main, kl, "left"), (twin, coef, "right")):
+        assert ax.yaxis.label.get_color() == line.get_color()
+        assert ax.yaxis.get_ticklabels()[0].get_color() == line.get_color()
+        assert ax.spines[side].get_edgecolor()[:3] == pytest.approx(_rgb(line.get_color()))
+    assert main.get_ylabel() == "kl" and twin.get_ylabel() == "kl_coef"
+    assert max(kl.get_ydata()) > 20 and max(coef.get_ydata()) < 0.5  # why they need two axes
+
+
+def _rgb(colour) -> tuple[float, float, float]:
+    from matplotlib.colors import to_rgb
+
+    return to_rgb(colour)
+
+
+def test_accuracy_is_on_its_own_0_to_1_panel_not_on_the_rewards_axis(tmp_path, figures):
+    write_dpo_run(tmp_path / "dpo")
+    plot_run(tmp_path / "dpo")
+    rewards, accuracy = figures["rewards.png"].axes
+    assert not any("accuracies" in label for label in _lines(rewards))
+    assert set(_lines(accuracy)) == {"train/rewards/accuracies"}
+    assert accuracy.get_ylim() == pytest.approx((-0.03, 1.03))
+    lo, hi = rewards.get_ylim()
+    assert lo < -9 and hi > 11  # rewards/rejected to −10, margins to 12
+    assert accuracy.get_shared_x_axes().joined(accuracy, rewards)
+    # the PPO reward figure: the clipped fraction is a fraction panel too, the means keep their bands
+    write_ppo_run(tmp_path / "ppo")
+    plot_run(tmp_path / "ppo")
+    reward, frac = figures["reward.png"].axes[:2]
+    assert set(_lines(frac)) == {"train/reward/clipped_frac"}
+    assert len(reward.collections) == 2  # ±std bands of reward/mean and reward/raw_mean
+
+
+def test_overlaid_losses_orders_of_magnitude_apart_get_a_log_axis(tmp_path, figures):
+    runs = [tmp_path / name for name in LOSS_TYPES]
+    for i, run in enumerate(runs):
+        write_dpo_run(run, run.name, seed=i)
+    plot_runs(runs, tmp_path / "cmp")
+    ax = figures["loss.png"].axes[0]
+    assert ax.get_yscale() == "log" and "log scale" in ax.get_ylabel()
+    lines = _lines(ax)
+    assert len(lines) == 16  # 8 runs × (train, eval)
+    # on the log axis SimPO's curve spans a visible height, not a flat line at 0
+    lo, hi = (math.log10(v) for v in ax.get_ylim())
+    simpo = [math.log10(v) for v in lines["simpo train/loss"].get_ydata()]
+    assert (max(simpo) - min(simpo)) / (hi - lo) > 0.1
+    # the rewards figure (similar magnitudes in every run) stays linear
+    assert figures["rewards.png"].axes[0].get_yscale() == "linear"
+    # two runs of similar loss scale: linear
+    plot_runs(runs[:2], tmp_path / "two")
+    assert figures["loss.png"].axes[0].get_yscale() == "linear"
+
+
+def test_symlog_when_a_series_crosses_zero(tmp_path, figures):
+    """PPO's loss goes negative: a log axis cannot show it, a symlog one can."""
+    write_ppo_run(tmp_path / "ppo")
+    with MetricsLogger(tmp_path / "big", tensorboard=False) as logger:
+        for step in range(1, 31):
+            logger.log(step, {"loss": 5000.0 / step})
+    plot_runs([tmp_path / "ppo", tmp_path / "big"], tmp_path / "cmp")
+    ax = figures["loss.png"].axes[0]
+    assert ax.get_yscale() == "symlog" and "symlog scale" in ax.get_ylabel()
+    assert min(_lines(ax)["ppo train/loss"].get_ydata()) < 0
+
+
+def test_overlay_legend_is_outside_the_axes_and_names_runs_and_series_once(tmp_path, figures):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    runs = [tmp_path / name for name in LOSS_TYPES]
+    for i, run in enumerate(runs):
+        write_dpo_run(run, run.name, seed=i)
+    plot_runs(runs, tmp_path / "cmp")
+    for name in ("loss.png", "rewards.png"):
+        fig = figures[name]
+        assert not any(ax.get_legend() for ax in fig.axes)  # no legend inside any axes
+        (legend,) = fig.legends
+        renderer = FigureCanvasAgg(fig).get_renderer()
+        fig.draw(renderer)
+        box = legend.get_window_extent(renderer)
+        for ax in fig.axes:
+            assert not box.overlaps(ax.get_window_extent(renderer)), name
+    labels = [t.get_text() for t in figures["loss.png"].legends[0].get_texts()]
+    assert labels == [*LOSS_TYPES, "eval (markers)"]  # 9 entries, not 16 (the y label says "loss")
+    rewards_labels = [t.get_text() for t in figures["rewards.png"].legends[0].get_texts()]
+    assert rewards_labels[len(LOSS_TYPES) :] == [
+        "rewards/chosen", "rewards/margins", "rewards/rejected", "eval (markers)"
+    ]  # fmt: skip
+    # each run's lines have its legend colour
+    colours = {h.get_label(): h.get_color() for h in figures["loss.png"].legends[0].legend_handles}
+    for label, line in _lines(figures["loss.png"].axes[0]).items():
+        assert line.get_color() == colours[label.split(" ")[0]]
+
+
+def test_overlay_kl_coef_gets_its_own_panel(tmp_path, figures):
+    """In an overlay colour means the run, so kl_coef cannot be told from kl by colour: a panel."""
+    write_ppo_run(tmp_path / "a")
+    write_ppo_run(tmp_path / "b", steps=20)
+    plot_runs([tmp_path / "a", tmp_path / "b"], tmp_path / "cmp")
+    kl, coef = figures["kl.png"].axes
+    assert set(_lines(kl)) == {"a train/kl", "b train/kl"}
+    assert set(_lines(coef)) == {"a train/kl_coef", "b train/kl_coef"}
+    assert coef.get_ylabel() == "kl_coef"
+    # both runs warned at steps 10 and 17 (run b stops at 20): one label per step, naming the runs
+    texts = sorted(t.get_text() for t in figures["watch.png"].axes[0].texts)
+    assert texts == ["KL over threshold (a, b)", "length drift (a)", "reward up while KL grows (a, b)"]
+
+
+def test_watch_spikes_are_labelled_with_the_warning_kind(tmp_path, figures):
+    fired = write_ppo_run(tmp_path / "ppo")
+    warnings = read_watch_warnings(tmp_path / "ppo")
+    kinds = {w.kind for w in warnings}
+    assert kinds == {"length drift", "KL over threshold", "reward up while KL grows"}, fired
+    assert len(warnings) == len(fired)
+    plot_run(tmp_path / "ppo")
+    ax = figures["watch.png"].axes[0]
+    texts = {t.get_text(): t for t in ax.texts}
+    for w in warnings:  # a vertical line at each warning's step, labelled with its kind
+        assert any(w.kind in text for text in texts), (w, list(texts))
+        assert any(list(ln.get_xdata()) == [w.step, w.step] for ln in ax.get_lines())
+    spikes = [s for s, c in zip(*_lines(ax)["train/watch/warnings"].get_data(), strict=True) if c > 0]
+    assert sorted(spikes) == sorted({w.step for w in warnings})
+    legend_labels = {t.get_text() for t in figures["watch.png"].legends[0].get_texts()}
+    assert kinds <= legend_labels
+    # a resumed run appends the replayed steps' warnings again: each is drawn once
+    log = tmp_path / "ppo" / "warnings.log"
+    log.write_text(log.read_text() + "".join(f"{w}\n" for w in fired[-1:]) + "unrelated line\n")
+    assert read_watch_warnings(tmp_path / "ppo") == warnings
+    # without warnings.log the figure says the kinds are unknown instead of guessing
+    write_ppo_run(tmp_path / "bare", warnings_log=False)
+    assert read_watch_warnings(tmp_path / "bare") is None
+    plot_run(tmp_path / "bare")
+    assert any("no warnings.log" in t.get_text() for t in figures["watch.png"].axes[0].texts)
+
+
+def test_watch_lines_that_name_their_kind_and_unknown_ones(tmp_path):
+    (tmp_path / "warnings.log").write_text(
+        "[watch:entropy-collapse] step 7: entropy fell below 0.1\n"
+        "[watch] step 3: something new happened here\n"
+    )
+    got = [(w.step, w.kind) for w in read_watch_warnings(tmp_path)]
+    assert got == [(3, "something new happened"), (7, "entropy-collapse")]
 
 
 def test_custom_out_dir(tmp_path):
@@ -141,17 +386,7 @@ def test_errors(tmp_path):
     assert not (tmp_path / "cmp").exists()  # all runs are read before anything is written
 
 
-def test_plot_runs_overlays(tmp_path, monkeypatch):
-    from matplotlib.figure import Figure
-
-    labels: dict[str, list[str]] = {}
-    real_savefig = Figure.savefig
-
-    def spy(fig, path, **kw):
-        labels[str(path).rsplit("/", 1)[-1]] = [line.get_label() for line in fig.axes[0].get_lines()]
-        return real_savefig(fig, path, **kw)
-
-    monkeypatch.setattr(Figure, "savefig", spy)
+def test_plot_runs_overlays(tmp_path, figures):
     write_run(tmp_path / "fused", scale=1.0)
     write_run(tmp_path / "unfused", steps=4, scale=1.1)
     with MetricsLogger(tmp_path / "extra", tensorboard=False) as logger:
@@ -161,17 +396,37 @@ def test_plot_runs_overlays(tmp_path, monkeypatch):
     for p in paths:
         assert_png(p)
         assert p.parent == tmp_path / "cmp"
-    assert {"fused train/loss", "unfused train/loss", "extra train/loss", "fused eval/loss"} <= set(
-        labels["loss.png"]
-    )
-    assert labels["only_here.png"] == ["extra train/only_here"]
+    labels = set(_lines(figures["loss.png"].axes[0]))
+    assert {"fused train/loss", "unfused train/loss", "extra train/loss", "fused eval/loss"} <= labels
+    assert set(_lines(figures["only_here.png"].axes[0])) == {"extra train/only_here"}
 
 
-def test_plot_runs_same_leaf_names(tmp_path):
+def test_plot_runs_same_leaf_names(tmp_path, figures):
     write_run(tmp_path / "a" / "run")
     write_run(tmp_path / "b" / "run")
     paths = plot_runs([tmp_path / "a" / "run", tmp_path / "b" / "run"], tmp_path / "cmp")
     assert [p.stem for p in paths] == EXPECTED
+    labels = [t.get_text() for t in figures["loss.png"].legends[0].get_texts()]
+    assert labels[:2] == ["a/run", "b/run"]  # the parts that tell them apart, not absolute paths
+
+
+def test_plot_picks_the_folder_and_describe_written_says_where(tmp_path, monkeypatch):
+    """What `fastalign plot` needs: one call for one or several runs, and the message naming the
+    absolute folder (an overlay's default folder is under the current directory)."""
+    write_run(tmp_path / "a")
+    write_run(tmp_path / "b")
+    one = plot([tmp_path / "a"])
+    assert {p.parent for p in one} == {tmp_path / "a" / "plots"}
+    monkeypatch.chdir(tmp_path)
+    both = plot(["a", "b"])
+    assert overlay_dir(["a", "b"]) == Path("plots") / "a_vs_b"
+    assert {p.parent for p in both} == {Path("plots") / "a_vs_b"}
+    text = describe_written(both)
+    assert text.splitlines()[0] == f"wrote {len(EXPECTED)} plots to {tmp_path / 'plots' / 'a_vs_b'}/:"
+    assert text.splitlines()[1:] == [f"  {g}.png" for g in EXPECTED]
+    assert plot(["b", "a"], tmp_path / "mine")[0].parent == tmp_path / "mine"
+    long = [f"run_with_a_rather_long_name_{i}" for i in range(6)]
+    assert len(overlay_dir(long).name) <= 90 and overlay_dir(long) != overlay_dir(long[:5])
 
 
 ROLLOUT_GROUPS = [
@@ -215,40 +470,29 @@ def write_rollout_run(run_dir, steps: int = 8, value: bool = True) -> None:
             logger.log(step, m)
 
 
-def test_plot_rollout_metrics(tmp_path, monkeypatch):
+def test_plot_rollout_metrics(tmp_path, figures):
     """The rollout curves get their own figures: reward mean with a ±std band, KL with kl_coef on a
     second axis, and one PNG each for entropy, length, EOS rate, clipfrac, approx_kl, value metrics."""
-    from matplotlib.figure import Figure
-
-    seen: dict[str, dict] = {}
-    real_savefig = Figure.savefig
-
-    def spy(fig, path, **kw):
-        seen[str(path).rsplit("/", 1)[-1]] = {
-            "lines": [{ln.get_label(): list(ln.get_ydata()) for ln in ax.get_lines()} for ax in fig.axes],
-            "bands": len(fig.axes[0].collections),
-        }
-        return real_savefig(fig, path, **kw)
-
-    monkeypatch.setattr(Figure, "savefig", spy)
     write_rollout_run(tmp_path / "ppo")
     paths = plot_run(tmp_path / "ppo")
     assert [p.stem for p in paths] == ROLLOUT_GROUPS
     for p in paths:
         assert_png(p)
-    reward = seen["reward.png"]
-    assert set(reward["lines"][0]) == {
+    reward = figures["reward.png"].axes[0]
+    assert set(_lines(reward)) == {
         "train/reward/mean ± reward/std",
         "train/reward/raw_mean ± reward/raw_std",
     }  # std keys are bands, not lines
-    assert reward["bands"] == 2
-    kl = seen["kl.png"]["lines"]
-    assert len(kl) == 2 and set(kl[0]) == {"train/kl"} and set(kl[1]) == {"train/kl_coef"}
-    assert kl[1]["train/kl_coef"] == pytest.approx([0.05 * (1 + 0.01 * s) for s in range(1, 9)])
-    assert set(seen["response_length.png"]["lines"][0]) == {"train/response/length"}
-    assert seen["explained_var.png"]["lines"][0]["train/value/explained_var"] == pytest.approx(
-        [0.1 * s for s in range(1, 9)]
+    assert len(reward.collections) == 2
+    kl, coef = figures["kl.png"].axes
+    assert set(_lines(kl)) == {"train/kl"} and set(_lines(coef)) == {"train/kl_coef"}
+    assert list(_lines(coef)["train/kl_coef"].get_ydata()) == pytest.approx(
+        [0.05 * (1 + 0.01 * s) for s in range(1, 9)]
     )
+    assert set(_lines(figures["response_length.png"].axes[0])) == {"train/response/length"}
+    explained = _lines(figures["explained_var.png"].axes[0])["train/value/explained_var"]
+    assert list(explained.get_ydata()) == pytest.approx([0.1 * s for s in range(1, 9)])
+    assert len(figures["eos_rate.png"].axes) == 1  # a fraction alone is the main panel
 
     # GRPO: no value model -> no value figures; overlay of both runs keeps the band per run
     write_rollout_run(tmp_path / "grpo", steps=5, value=False)
@@ -257,8 +501,18 @@ def test_plot_rollout_metrics(tmp_path, monkeypatch):
     ]
     paths = plot_runs([tmp_path / "ppo", tmp_path / "grpo"], tmp_path / "cmp")
     assert [p.stem for p in paths] == ROLLOUT_GROUPS
-    assert seen["reward.png"]["bands"] == 4
-    assert {"ppo train/kl_coef", "grpo train/kl_coef"} == set(seen["kl.png"]["lines"][1])
+    assert len(figures["reward.png"].axes[0].collections) == 4
+    legend = [t.get_text() for t in figures["reward.png"].legends[0].get_texts()]
+    assert legend == ["ppo", "grpo", "reward/mean ± reward/std", "reward/raw_mean ± reward/raw_std"]
+    assert set(_lines(figures["kl.png"].axes[1])) == {"ppo train/kl_coef", "grpo train/kl_coef"}
+    # a run keeps its colour in a figure the other run is missing from
+    (value_loss,) = _lines(figures["value_loss.png"].axes[0]).values()
+    assert value_loss.get_color() == _lines(figures["loss.png"].axes[0])["ppo train/loss"].get_color()
+    write_rollout_run(tmp_path / "first", steps=3, value=False)
+    plot_runs([tmp_path / "first", tmp_path / "ppo"], tmp_path / "cmp2")
+    ppo_loss = _lines(figures["loss.png"].axes[0])["ppo train/loss"]
+    (value_loss,) = _lines(figures["value_loss.png"].axes[0]).values()
+    assert value_loss.get_color() == ppo_loss.get_color() == "C1"
 
 
 def test_metric_group_rollout():
