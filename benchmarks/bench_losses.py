@@ -23,7 +23,7 @@ under no_grad (Liger only takes reference inputs, not precomputed reference log-
 The machinery (a fresh subprocess per case, peak memory via /proc clear_refs + VmHWM, timing in
 pairs with eager, the long-format CSV, the gate) is bench_ops.py's; see benchmarks/README.md.
 Without liger-kernel the peer cases are skipped with a note. Only eager / fastalign figures go
-into the gate's baseline (benchmarks/baseline_losses_quick.csv): CI has no Liger.
+into the gate's baselines (benchmarks/baselines/<cpu>/losses_quick.csv): CI has no Liger.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ DTYPE = "fp32"
 BACKENDS = ("eager", "fastalign", "liger", "liger_compiled")
 PEERS = ("liger", "liger_compiled")
 BETA = 0.1
-DEFAULT_BASELINE = HERE / "baseline_losses_quick.csv"
+BASELINES = HERE / "baselines"  # per CPU model: baselines/<cpu slug>/losses_<quick|full>.csv
 # (B pairs, T, H, V). On CPU the Llama-3 vocabulary runs at T=128 to keep a full run ~10 min.
 SHAPES = {"quick": [(4, 64, 576, 32768)], "full": [(4, 512, 576, 49152), (4, 128, 576, 128256)]}
 TIMING = {
@@ -146,12 +146,15 @@ def _make_loss(backend: str, x: dict):
     return loss
 
 
-def _make_step(backend: str, x: dict):
+def _make_step(backend: str, x: dict, repeat: int = 1):
+    """One forward + backward of `backend` (grads set to None first); `repeat` times per step
+    for --inject-slowdown."""
     loss = _make_loss(backend, x)
 
     def step():
-        x["hidden"].grad = x["weight"].grad = None
-        loss().backward()
+        for _ in range(repeat):
+            x["hidden"].grad = x["weight"].grad = None
+            loss().backward()
 
     return step
 
@@ -169,7 +172,7 @@ def _run_one(case: dict) -> dict:
     del step, x
     # 2. full-size inputs; a compiled backend compiles for this shape before anything is measured.
     x = _make_inputs(shape, seed=1)
-    step = _make_step(backend, x)
+    step = _make_step(backend, x, repeat=case.get("slowdown", 1))
     if backend == "liger_compiled":
         t0 = time.perf_counter()
         step()
@@ -303,11 +306,11 @@ def print_table(results: list[dict], skipped: dict, device_name: str, threads: i
 
 
 def print_targets(results: list[dict]) -> None:
-    """The issue's target: fastalign's peak memory <= Liger's and time <= Liger's (both variants).
+    """fastalign against Liger (both variants): is its peak memory <= Liger's, its time <= Liger's?
     Time is compared two ways: the ratio of the medians (separate processes) and the ratio of the
     two paired speedups vs eager (liger's / fastalign's; robust to load changes between them)."""
     ok_rows = {(r["shape"], r["backend"]): r for r in results if "error" not in r}
-    print("TARGETS (from the issue; CPU, fp32): fastalign peak memory <= Liger's, time <= Liger's")
+    print("fastalign vs Liger-Kernel (CPU, fp32; reported, not gated): peak memory, time <= Liger's")
     any_peer = False
     for shape in dict.fromkeys(r["shape"] for r in results):
         fa = ok_rows.get((shape, "fastalign"))
@@ -343,25 +346,41 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--gate",
         nargs="?",
-        const=str(DEFAULT_BASELINE),
+        const=str(BASELINES),
         default=None,
         metavar="BASELINE",
-        help=f"after the run, gate it against BASELINE (default {DEFAULT_BASELINE.relative_to(REPO)})",
+        help="after the run, gate it (gate.py) against BASELINE: a CSV, or a folder of per-CPU "
+        f"baselines (default {BASELINES.relative_to(REPO)}/<cpu slug>/losses_<quick|full>.csv)",
     )
     ap.add_argument("--time-tol", type=float, default=None, help="gate: speedup tolerance (default 0.3)")
     ap.add_argument(
         "--write-baseline",
         nargs="?",
-        const=str(DEFAULT_BASELINE),
+        const="",
         default=None,
         metavar="PATH",
-        help="write this run's eager / fastalign rows (no peer rows) to PATH",
+        help="write this run's eager / fastalign rows (no peer rows) to PATH "
+        f"(default {BASELINES.relative_to(REPO)}/<cpu slug>/losses_<quick|full>.csv)",
+    )
+    ap.add_argument(
+        "--inject-slowdown",
+        type=int,
+        default=1,
+        metavar="K",
+        help="run the fastalign loss K times per timed call (eager once): a deliberate K-fold "
+        "slowdown, to check that the gate fails on it",
     )
     ap.add_argument("--case", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.case is not None:
         return child_main(json.loads(args.case))
 
+    if args.inject_slowdown < 1:
+        print("error: --inject-slowdown takes an integer >= 1", file=sys.stderr)
+        return 2
+    if args.inject_slowdown != 1 and args.write_baseline is not None:
+        print("error: --write-baseline with --inject-slowdown would record the slowdown", file=sys.stderr)
+        return 2
     t_start = time.perf_counter()
     import torch
 
@@ -414,6 +433,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"backends {backends}  shapes {', '.join(shape_label(s) for s in shapes)}  {MODE} {DTYPE}")
     for b, why in skipped.items():
         print(f"note: {b} cases skipped: {why}")
+    if args.inject_slowdown != 1:
+        k = args.inject_slowdown
+        print(f"INJECTED SLOWDOWN: the fastalign loss runs {k} times per call (eager once)")
 
     print("cpp backend (used by fastalign's auto dispatch): building / loading ...", flush=True)
     ok, msg, cpp_so = bench_ops.build_cpp()
@@ -450,6 +472,8 @@ def main(argv: list[str] | None = None) -> int:
     for shape in shapes:
         for backend in backends:
             case = dict(backend=backend, shape=list(shape), threads=threads, cpp_so=cpp_so, **timing)
+            if backend == "fastalign":
+                case["slowdown"] = args.inject_slowdown
             t0 = time.perf_counter()
             r = run_case(case, timing["timeout_s"], threads)
             wall = time.perf_counter() - t0
@@ -481,8 +505,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {out}  ({len(results)} cases, total wall time {time.perf_counter() - t_start:.0f} s)")
 
     rc = 0
-    if args.write_baseline:
-        dest = Path(args.write_baseline)
+    import gate
+
+    suite = f"losses_{kind}"
+    if args.write_baseline is not None:
+        dest = Path(args.write_baseline or BASELINES / gate.cpu_slug(device_name) / f"{suite}.csv")
+        dest.parent.mkdir(parents=True, exist_ok=True)
         with open(out) as src, open(dest, "w") as dst:
             for i, line in enumerate(src):
                 if i == 0 or line.split(",")[1] not in PEERS:
@@ -492,9 +520,7 @@ def main(argv: list[str] | None = None) -> int:
             + (f"  (WARNING: {len(failed)} cases failed)" if failed else "")
         )
     if args.gate:
-        import gate
-
-        gate_args = ["--baseline", args.gate, "--current", str(out)]
+        gate_args = ["--baseline", args.gate, "--suite", suite, "--current", str(out)]
         if args.time_tol is not None:
             gate_args += ["--time-tol", str(args.time_tol)]
         print()

@@ -42,7 +42,7 @@ MODES = ("fwd", "fwd+bwd")
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 ELT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 FUSED_BACKENDS = {"cpu": ("cpp", "torch"), "cuda": ("triton", "torch")}
-DEFAULT_BASELINE = HERE / "baseline_quick.csv"
+BASELINES = HERE / "baselines"  # per CPU model: baselines/<cpu slug>/<suite>.csv (see gate.py)
 
 # (N, V) for token_logprobs, (N, H, V) for linear_logprobs.
 SHAPES = {
@@ -250,9 +250,11 @@ def _make_inputs(case: dict, shape: tuple[int, ...], device: str, seed: int = 0)
     return params, labels
 
 
-def _make_step(op: str, backend: str, mode: str, params: list, labels):
+def _make_step(op: str, backend: str, mode: str, params: list, labels, repeat: int = 1):
     """step() runs one call: a forward under no_grad ("fwd"), or forward + .sum().backward()
-    with the grads set to None first, so that every step allocates them ("fwd+bwd")."""
+    with the grads set to None first, so that every step allocates them ("fwd+bwd").
+    repeat > 1 runs that call `repeat` times per step (--inject-slowdown: a fused op made
+    deliberately slower, to show that the gate catches it)."""
     import torch
 
     from fastalign.ops import (
@@ -275,15 +277,17 @@ def _make_step(op: str, backend: str, mode: str, params: list, labels):
     if mode == "fwd+bwd":
 
         def step():
-            for p in params:
-                p.grad = None
-            call().sum().backward()
+            for _ in range(repeat):
+                for p in params:
+                    p.grad = None
+                call().sum().backward()
 
     else:
 
         def step():
             with torch.no_grad():
-                call()
+                for _ in range(repeat):
+                    call()
 
     return step
 
@@ -310,7 +314,7 @@ def _run_one(case: dict) -> dict:
 
     # 2. inputs at full size, created in place.
     params, labels = _make_inputs(case, shape, device, seed=1)
-    step = _make_step(op, backend, mode, params, labels)
+    step = _make_step(op, backend, mode, params, labels, repeat=case.get("slowdown", 1))
     if device == "cuda":
         step()  # compile / autotune the kernels for this shape before measuring memory
         for p in params:
@@ -538,8 +542,9 @@ def print_table(results: list[dict], machine: dict, device_name: str, threads: i
     print()
 
 
-# The issue's targets on a 2-core CPU, checked on the results of this run when their shape is in it.
-TARGETS = (
+# Performance goals of the fused CPU ops at the full CPU shapes, checked on this run's results
+# when their shape is in it (reported, not gated: the gate is gate.py).
+GOALS = (
     # (op, backend, mode, shape, dtype, metric, comparison, bound, description)
     (
         "token_logprobs",
@@ -577,12 +582,12 @@ TARGETS = (
 )
 
 
-def print_targets(results: list[dict]) -> None:
+def print_goals(results: list[dict]) -> None:
     found = {
         (r["op"], r["backend"], r["mode"], r["shape"], r["dtype"]): r for r in results if "error" not in r
     }
-    print("TARGETS (from the issue; CPU, fp32)")
-    for op, backend, mode, shape, dtype, metric, cmp, bound, what in TARGETS:
+    print("Performance goals (CPU, fp32; reported, not gated)")
+    for op, backend, mode, shape, dtype, metric, cmp, bound, what in GOALS:
         r = found.get((op, backend, mode, shape, dtype))
         if r is None:
             print(f"  {what} at {shape}: not in this run (full CPU mode measures it)")
@@ -595,7 +600,7 @@ def print_targets(results: list[dict]) -> None:
             print(f"  {what} at {shape}: no figure")
             continue
         ok = value >= bound if cmp == ">=" else value <= bound
-        print(f"  {what} at {shape}: {value:.3f} (target {cmp} {bound}) {'MET' if ok else 'MISSED'}")
+        print(f"  {what} at {shape}: {value:.3f} (goal {cmp} {bound}) {'met' if ok else 'NOT MET'}")
     print()
 
 
@@ -707,19 +712,29 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--gate",
         nargs="?",
-        const=str(DEFAULT_BASELINE),
+        const=str(BASELINES),
         default=None,
         metavar="BASELINE",
-        help=f"after the run, gate it against BASELINE (default {DEFAULT_BASELINE.relative_to(REPO)})",
+        help="after the run, gate it (gate.py) against BASELINE: a CSV, or a folder of per-CPU "
+        f"baselines (default {BASELINES.relative_to(REPO)}/<cpu slug>/ops_<quick|full>.csv)",
     )
     ap.add_argument("--time-tol", type=float, default=None, help="gate: speedup tolerance (default 0.3)")
     ap.add_argument(
         "--write-baseline",
         nargs="?",
-        const=str(DEFAULT_BASELINE),
+        const="",
         default=None,
         metavar="PATH",
-        help=f"copy this run's CSV to PATH (default {DEFAULT_BASELINE.relative_to(REPO)})",
+        help="copy this run's CSV to PATH "
+        f"(default {BASELINES.relative_to(REPO)}/<cpu slug>/ops_<quick|full>.csv)",
+    )
+    ap.add_argument(
+        "--inject-slowdown",
+        type=int,
+        default=1,
+        metavar="K",
+        help="run every fused call K times per timed call (eager once): a deliberate K-fold slowdown, "
+        "to check that the gate fails on it",
     )
     ap.add_argument("--case", default=None, help=argparse.SUPPRESS)  # internal: JSON list of cases
     args = ap.parse_args(argv)
@@ -727,6 +742,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.case is not None:
         return child_main(json.loads(args.case))
 
+    if args.inject_slowdown < 1:
+        print("error: --inject-slowdown takes an integer >= 1", file=sys.stderr)
+        return 2
+    if args.inject_slowdown != 1 and args.write_baseline is not None:
+        print("error: --write-baseline with --inject-slowdown would record the slowdown", file=sys.stderr)
+        return 2
     t_start = time.perf_counter()
     import torch
 
@@ -782,6 +803,8 @@ def main(argv: list[str] | None = None) -> int:
         f"torch.set_num_threads({threads}) [OMP_NUM_THREADS={threads} in the cases]"
     )
     print(f"ops {ops}  backends {backends}  modes {modes}")
+    if args.inject_slowdown != 1:
+        print(f"INJECTED SLOWDOWN: every fused call runs {args.inject_slowdown} times (eager once)")
     for op in ops:
         print(f"  {op}: {', '.join(dtypes_of[op])} at {', '.join(shape_label(op, s) for s in shapes[op])}")
 
@@ -846,6 +869,7 @@ def main(argv: list[str] | None = None) -> int:
                                 max_reps=timing["max_reps"],
                                 paired=not args.no_pairs,
                                 cpp_so=cpp_so if backend == "cpp" else None,
+                                slowdown=args.inject_slowdown if backend != "eager" else 1,
                             )
                         )
     groups: list[list[dict]] = []
@@ -906,7 +930,7 @@ def main(argv: list[str] | None = None) -> int:
     measure_limits("after the cases")
     save()
     print_table(results, machine, device_name, threads)
-    print_targets(results)
+    print_goals(results)
     mem_methods = sorted({r["mem_method"] for r in results if "mem_method" in r})
     for m in mem_methods:
         print(f"peak memory method: {m}")
@@ -916,18 +940,20 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {out}  ({len(results)} cases, total wall time {time.perf_counter() - t_start:.0f} s)")
 
     rc = 0
-    if args.write_baseline:
-        dest = Path(args.write_baseline)
+    sys.path.insert(0, str(HERE))
+    import gate
+
+    suite = f"ops_{kind}"
+    if args.write_baseline is not None:
+        dest = Path(args.write_baseline or BASELINES / gate.cpu_slug(device_name) / f"{suite}.csv")
+        dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(out, dest)
         print(
             f"baseline written: {dest}"
             + (f"  (WARNING: {len(failed)} cases missing from it)" if failed else "")
         )
     if args.gate:
-        sys.path.insert(0, str(HERE))
-        import gate
-
-        gate_args = ["--baseline", args.gate, "--current", str(out)]
+        gate_args = ["--baseline", args.gate, "--suite", suite, "--current", str(out)]
         if args.time_tol is not None:
             gate_args += ["--time-tol", str(args.time_tol)]
         print()
