@@ -54,6 +54,16 @@ def resolve_backend(backend: str, device: torch.device, op: str) -> str:
     return backend
 
 
+def require_tensor(x: object, name: str, op: str) -> None:
+    """A clear TypeError for a non-tensor argument (a Python list of labels, say), instead of an
+    AttributeError from deep inside the op."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(
+            f"{op}: {name} must be a torch.Tensor, got {type(x).__name__}"
+            + (" (wrap it: torch.tensor(...))" if isinstance(x, (list, tuple)) else "")
+        )
+
+
 def check_labels(labels: torch.Tensor, vocab_size: int, ignore_index: int, op: str) -> None:
     """Labels outside [0, V) other than ignore_index are a ValueError, never a kernel crash."""
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:

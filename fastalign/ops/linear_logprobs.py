@@ -25,6 +25,7 @@ from fastalign.ops._backend import (
     check_labels,
     check_temperature,
     out_dtype,
+    require_tensor,
     resolve_backend,
 )
 from fastalign.ops.token_logprobs import _p_log_p, split_lse, token_logprobs_reference
@@ -260,6 +261,9 @@ def linear_logprobs(
             f"{_OP}: hidden ({hidden.dtype}, {hidden.device}) and weight ({weight.dtype}, {weight.device}) "
             "must share dtype and device"
         )
+    require_tensor(labels, "labels", _OP)
+    if bias is not None:
+        require_tensor(bias, "bias", _OP)
     vocab = weight.shape[0]
     if bias is not None and (
         bias.shape != (vocab,) or bias.dtype != weight.dtype or bias.device != weight.device

@@ -23,6 +23,7 @@ from fastalign.ops._backend import (
     check_labels,
     check_temperature,
     out_dtype,
+    require_tensor,
     resolve_backend,
 )
 
@@ -206,6 +207,7 @@ def token_logprobs(
     """
     if not isinstance(logits, torch.Tensor) or logits.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{_OP}: logits must be a float32/bfloat16/float16/float64 tensor")
+    require_tensor(labels, "labels", _OP)
     if logits.dim() < 1 or labels.shape != logits.shape[:-1]:
         raise ValueError(
             f"{_OP}: labels shape {tuple(labels.shape)} must equal logits shape without the vocab dim "

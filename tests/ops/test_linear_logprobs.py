@@ -229,3 +229,11 @@ def test_module_matches_function():
     got = mod(hidden, weight, labels, bias=b)
     want = linear_logprobs(hidden, weight, labels, bias=b, temperature=2.0, chunk_size=32, backend="torch")
     assert torch.equal(got, want)
+
+
+def test_labels_or_bias_as_python_lists_are_type_errors():
+    h, w = torch.randn(3, 8), torch.randn(10, 8)
+    with pytest.raises(TypeError, match=r"linear_logprobs: labels must be a torch\.Tensor, got list"):
+        linear_logprobs(h, w, [1, 2, 3])
+    with pytest.raises(TypeError, match=r"linear_logprobs: bias must be a torch\.Tensor, got list"):
+        linear_logprobs(h, w, torch.tensor([1, 2, 3]), bias=[0.0] * 10)

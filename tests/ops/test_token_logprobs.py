@@ -221,3 +221,9 @@ def test_module_matches_function():
     want = token_logprobs(logits, labels, temperature=0.5, return_entropy=True, backend="torch")
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     assert "temperature=0.5" in repr(mod)
+
+
+def test_labels_as_a_python_list_is_a_type_error():
+    logits = torch.randn(3, 10)
+    with pytest.raises(TypeError, match=r"token_logprobs: labels must be a torch\.Tensor, got list"):
+        token_logprobs(logits, [1, 2, 3])
