@@ -19,19 +19,15 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
-# command -> help; a recipe runs `fastalign.trainers.<command with - as _>`: its `run(cfg)` when it
-# has one (rollout recipes own their outer loop), else `loop.run(cfg.train, build(cfg))`.
-RECIPE_HELP = {
-    "sft": "supervised fine-tuning",
-    "rm": "Bradley-Terry reward model",
-    "dpo": "DPO family: every DPO loss type, IPO, SimPO, ORPO",
-    "kto": "KTO on unpaired desirable/undesirable completions",
-    "ppo": "PPO with policy, reference, reward and value models",
-    "grpo": "GRPO / Dr. GRPO / RLOO: group advantages, no value model",
-    "online-dpo": "online / iterative DPO on the policy's own ranked samples",
-}
-RECIPE_COMMANDS = tuple(RECIPE_HELP)
+import yaml
+
+from fastalign.config import RECIPES, config_to_dict, load_config
+from fastalign.errors import USER_ERRORS
+
+# recipe commands (the registry in fastalign.recipes maps each to its build function and driver)
+RECIPE_COMMANDS = tuple(RECIPES)
 
 
 def _add_config_args(r: argparse.ArgumentParser) -> None:
@@ -43,7 +39,8 @@ def _add_config_args(r: argparse.ArgumentParser) -> None:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fastalign", description="Fast, memory-frugal preference alignment.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, help_text in RECIPE_HELP.items():
+    for name, recipe_cls in RECIPES.items():
+        help_text = recipe_cls.help
         r = sub.add_parser(name, help=help_text, description=f"fastalign {name}: {help_text}.")
         _add_config_args(r)
     cai = sub.add_parser("cai", help="Constitutional AI: critique -> revision data, AI preference labels")
@@ -71,38 +68,25 @@ def _parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plot", help="write PNG curves of one or more runs")
     pl.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     pl.add_argument(
-        "--out", default=None, help="output folder (default: RUN_DIR/plots; several runs: ./plots)"
+        "--out",
+        default=None,
+        help="output folder (default: RUN_DIR/plots; several: ./plots/RUN1_vs_RUN2)",
     )
     return p
 
 
 def run_recipe(method: str, config: str | None, overrides: Sequence[str], print_only: bool = False):
-    from fastalign.config import RECIPES, load_config, save_config
-
+    """Load, validate and run recipe `method` (a `fastalign.recipes.REGISTRY` name); the result."""
     cfg = load_config(RECIPES[method], config, list(overrides))
     if print_only:
-        import yaml
-
-        from fastalign.config import config_to_dict
-
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
         return None
-    import importlib
-    from pathlib import Path
+    # the trainers (and torch) are imported only when a recipe runs: `fastalign --help` stays fast
+    from fastalign.recipes import REGISTRY
 
-    from fastalign.trainers import loop
-
-    recipe = importlib.import_module(f"fastalign.trainers.{method.replace('-', '_')}")
     out = Path(cfg.train.output_dir)
     main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun / deepspeed: rank 0 writes
-    if main_rank:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
-    if hasattr(recipe, "run"):
-        result, name = recipe.run(cfg), method
-    else:
-        task = recipe.build(cfg)
-        result, name = loop.run(cfg.train, task), task.name
+    result, name = REGISTRY[method].run(cfg)  # the run session writes config.yaml (never on a refusal)
     if not main_rank:
         return result
     summary = ", ".join(
@@ -137,30 +121,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         args = _parser().parse_args(argv)
     try:
+        # each command imports its module only when it runs: `fastalign --help` loads none of them
         if args.command in RECIPE_COMMANDS:
             run_recipe(args.command, args.config, args.overrides, args.print_config)
         elif args.command == "cai":
-            from fastalign.cai.cli import run as cai_run
+            from fastalign.cai.cli import run as cai_run  # on use (see above)
 
             cai_run(args.cai_command, args.config, args.overrides, args.print_config)
         elif args.command == "launch":
-            from fastalign.engine.launch import main as launch_main
+            from fastalign.engine.launch import main as launch_main  # on use (see above)
 
             return launch_main(args.launch_args)
         elif args.command == "demo":
-            from fastalign.demo.run import main as demo_main
+            from fastalign.demo.run import main as demo_main  # on use (see above)
 
             demo_main(out=args.out, steps=args.steps, model=args.model, overrides=args.overrides)
         elif args.command == "plot":
-            from fastalign.plot import plot_run, plot_runs
+            from fastalign.plot import describe_written, plot  # on use (see above)
 
-            if len(args.run_dirs) == 1:
-                paths = plot_run(args.run_dirs[0], args.out)
-            else:
-                paths = plot_runs(args.run_dirs, args.out or "plots")
-            for p in paths:
-                print(p)
-    except (ValueError, FileNotFoundError) as e:  # user errors: one clear line, no traceback
+            print(describe_written(plot(args.run_dirs, args.out)))
+    except USER_ERRORS as e:  # user errors: one clear line, no traceback
         if os.environ.get("FASTALIGN_DEBUG") == "1":
             raise
         print(f"fastalign {args.command}: error: {e}", file=sys.stderr)

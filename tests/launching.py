@@ -33,7 +33,8 @@ def dist_env(
         HF_HUB_OFFLINE="1",
         TRANSFORMERS_VERBOSITY="error",
         FASTALIGN_DIST_TIMEOUT=str(timeout_s),
-        PYTHONPATH=os.pathsep.join(str(p) for p in pythonpath),
+        # tests/ for the helpers every worker shares (repo_assets: the shipped model and data)
+        PYTHONPATH=os.pathsep.join(str(p) for p in (*pythonpath, ROOT / "tests")),
     )
     if debug:
         env["FASTALIGN_DEBUG"] = "1"

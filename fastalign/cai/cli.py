@@ -23,10 +23,14 @@ import importlib
 import json
 import os
 import sys
+import time
 from pathlib import Path
+
+import yaml
 
 from fastalign.cai.config import CAI_RECIPES, RESUME_FREE_KEYS
 from fastalign.cai.constitution import load_constitution
+from fastalign.config import config_to_dict, load_config
 from fastalign.files import describe_missing
 
 TRACE, CONFIG, INPUTS = "trace.jsonl", "cai_config.yaml", "cai_inputs.json"
@@ -43,7 +47,6 @@ def _sha256(path: str) -> str:
 
 
 def _identity(cfg) -> dict:
-    from fastalign.config import config_to_dict
 
     return {k: v for k, v in config_to_dict(cfg).items() if k not in RESUME_FREE_KEYS}
 
@@ -105,8 +108,6 @@ def open_run(out: Path, cfg, inputs: list[str], output: str) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     traces = read_traces(out / TRACE)
     if traces and (out / CONFIG).exists():  # a run that wrote nothing yet may change freely
-        import yaml
-
         saved = _flat(yaml.safe_load((out / CONFIG).read_text(encoding="utf-8")) or {})
         now = _flat(_identity(cfg))
         diff = [
@@ -126,7 +127,6 @@ def open_run(out: Path, cfg, inputs: list[str], output: str) -> list[dict]:
                 f"{out}: input file(s) changed since this run started: {', '.join(changed)}; use another "
                 "output_dir, or resume=false to delete its rows and start over"
             )
-    import yaml
 
     _atomic_write(out / CONFIG, yaml.safe_dump(_identity(cfg), sort_keys=False))
     _atomic_write(out / INPUTS, json.dumps(hashes, indent=1))
@@ -164,7 +164,6 @@ def _progress(cfg, total: int, done: int, desc: str):
 
 def execute(step: str, cfg) -> dict:
     """Run `step` ("revise" | "label") for a loaded config; returns a summary dict."""
-    import time
 
     job = importlib.import_module(f"fastalign.cai.{step}")
     out = Path(cfg.output_dir)
@@ -220,14 +219,11 @@ def execute(step: str, cfg) -> dict:
 
 def run(step: str, config: str | None, overrides: list[str], print_only: bool = False) -> dict | None:
     """`fastalign cai <step> --config X [key=value ...] [--print-config]`."""
-    from fastalign.config import config_to_dict, load_config
 
     if step not in CAI_RECIPES:
         raise ValueError(f"cai step must be one of {', '.join(CAI_RECIPES)}, got {step!r}")
     cfg = load_config(CAI_RECIPES[step], config, list(overrides))
     if print_only:
-        import yaml
-
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
         return None
     s = execute(step, cfg)

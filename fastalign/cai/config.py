@@ -17,12 +17,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 from fastalign.config import GenerationConfig, ModelConfig
-
-
-def _require(ok: bool, key: str, msg: str) -> None:
-    if not ok:
-        raise ValueError(f"{key}: {msg}")
-
+from fastalign.config.checks import require as _require
 
 # keys that may change between a run and its resumption (they do not change any row)
 RESUME_FREE_KEYS = ("resume", "stop_after", "progress")

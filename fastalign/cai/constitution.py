@@ -19,7 +19,10 @@ from __future__ import annotations
 import json
 import random
 from dataclasses import dataclass
+from importlib.resources import files
 from pathlib import Path
+
+import yaml
 
 DEFAULT = "default"
 DEFAULT_FILE = "default_constitution.yaml"
@@ -39,8 +42,6 @@ class Principle:
 def _read(path: str) -> tuple[object, str]:
     """(parsed document, name for messages); the default comes from the package data."""
     if path == DEFAULT:
-        from importlib.resources import files
-
         return _parse(
             files("fastalign.cai").joinpath(DEFAULT_FILE).read_text("utf-8"), DEFAULT_FILE
         ), DEFAULT_FILE
@@ -51,7 +52,6 @@ def _read(path: str) -> tuple[object, str]:
 
 
 def _parse(text: str, name: str) -> object:
-    import yaml
 
     try:
         return json.loads(text) if name.endswith(".json") else yaml.safe_load(text)

@@ -31,6 +31,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import combinations
 
+import torch
+
 from fastalign.cai.config import LabelConfig
 from fastalign.cai.constitution import Principle, load_constitution, pick
 from fastalign.cai.prompts import (
@@ -38,13 +40,19 @@ from fastalign.cai.prompts import (
     encode,
     feedback_messages,
     fit_context,
+    has_chat_template,
     initial_messages,
+    load_lm,
+    load_prompts,
     mix_seed,
     prompt_key,
     raw_prompt,
     render,
+    sample_replies,
     transcript,
 )
+from fastalign.data.sources import iter_rows
+from fastalign.models import load_tokenizer
 
 OUTPUT = "pairs.jsonl"
 
@@ -95,13 +103,10 @@ def _given(where: str, row: dict) -> tuple[str, tuple[str, ...]]:
 
 def load_items(cfg: LabelConfig) -> list[Item]:
     if cfg.responses is None:
-        from fastalign.cai.prompts import load_prompts
-
         return [
             Item(i, prompt_key(i, p), p, None)
             for i, p in enumerate(load_prompts(cfg.prompts, cfg.max_prompts))
         ]
-    from fastalign.data.sources import iter_rows
 
     items = []
     for i, (where, row, error) in enumerate(iter_rows(cfg.responses, max_rows=cfg.max_prompts)):
@@ -141,7 +146,6 @@ def score_a(
     model, tokenizer, texts: list[str], batch_size: int, ab: tuple[int, int]
 ) -> list[tuple[float, float]]:
     """Per rendered question: (p_A normalised over {A, B}, P(A) + P(B) under the full softmax)."""
-    import torch
 
     out: list[tuple[float, float]] = []
     device = next(model.parameters()).device
@@ -226,7 +230,6 @@ def label_batch(feedback, items: list[Item], responses: list[tuple[str, ...]], p
 
 def make_runner(cfg: LabelConfig) -> Callable[[int, list[Item]], list[dict]]:
     """run_batch(batch_no, items) -> traces; loads the feedback model, the policy, the inputs."""
-    from fastalign.cai.prompts import has_chat_template, load_lm, sample_replies
 
     principles = load_constitution(cfg.constitution)
     fb_model, fb_tok = load_lm(cfg.feedback(), cfg.device)
@@ -255,7 +258,6 @@ def make_runner(cfg: LabelConfig) -> Callable[[int, list[Item]], list[dict]]:
 
 
 def load_lm_tokenizer(model_cfg):
-    from fastalign.models import load_tokenizer
 
     tok_path = model_cfg.tokenizer or model_cfg.path
     return load_tokenizer(tok_path, gguf_file=None if model_cfg.tokenizer else model_cfg.gguf_file)

@@ -13,9 +13,15 @@ earlier, complete exchanges of the same shape put in front of it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+from dataclasses import dataclass, replace
+
+import torch
 
 from fastalign.cai.constitution import Principle
+from fastalign.data.sources import iter_rows
+from fastalign.models import load_causal_lm, load_tokenizer
+from fastalign.rollout.generate import generate
 
 HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
 ANSWER_PREFIX = "The answer is: ("
@@ -126,7 +132,6 @@ def feedback_messages(prompt: str, first: str, second: str, question: str) -> li
 def load_prompts(source: str, max_prompts: int | None = None) -> list[str]:
     """The "prompt" strings of a data file (JSONL/JSON/parquet/csv), in order; a bad row is a
     ValueError naming file and line (prompts are inputs: a silently skipped one is a lost row)."""
-    from fastalign.data.sources import iter_rows
 
     prompts = []
     for where, row, error in iter_rows(source, max_rows=max_prompts):
@@ -146,7 +151,6 @@ def load_few_shot(source: str | None) -> list[FewShot]:
     revision_request]} of non-empty strings; an error names file, line and field."""
     if not source:
         return []
-    from fastalign.data.sources import iter_rows
 
     keys = ("prompt", "response", "critique", "revision")
     optional = ("critique_request", "revision_request")
@@ -169,7 +173,6 @@ def load_few_shot(source: str | None) -> list[FewShot]:
 # ---------------------------------------------------------------------------------------------
 def mix_seed(*parts: int) -> int:
     """A stable 31-bit seed from integers (Python's hash() is salted per process)."""
-    import hashlib
 
     digest = hashlib.sha256(",".join(map(str, parts)).encode()).digest()
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
@@ -178,7 +181,6 @@ def mix_seed(*parts: int) -> int:
 def prompt_key(index: int, text: str) -> str:
     """A prompt's identity in a run: its index plus a hash of its text (an edited input file is
     caught instead of resuming with rows of the old prompt)."""
-    import hashlib
 
     return f"{index}:{hashlib.sha256(text.encode('utf-8')).hexdigest()[:16]}"
 
@@ -193,9 +195,6 @@ def raw_prompt(prompt: str) -> str:
 
 def load_lm(model_cfg, device: str):
     """(model, tokenizer) of a ModelConfig on `device` ("auto": CUDA when there is one), eval mode."""
-    import torch
-
-    from fastalign.models import load_causal_lm, load_tokenizer
 
     dev = torch.device(
         "cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device
@@ -230,9 +229,6 @@ def sample_replies(
 ) -> tuple[list[str], list[bool]]:
     """One sampled assistant reply per conversation, in one seeded generate() call over the batch;
     returns (cleaned texts, per conversation: was its context cut to fit)."""
-    from dataclasses import replace
-
-    from fastalign.rollout.generate import generate
 
     stops = stop_strings(tokenizer)
     gen = replace(gen, stop=[*gen.stop, *stops], batch_size=max(1, len(conversations)))

@@ -28,12 +28,15 @@ from fastalign.cai.config import ReviseConfig
 from fastalign.cai.constitution import Principle, load_constitution, pick
 from fastalign.cai.prompts import (
     critique_messages,
+    has_chat_template,
     initial_messages,
     load_few_shot,
+    load_lm,
     load_prompts,
     mix_seed,
     prompt_key,
     revision_messages,
+    sample_replies,
     transcript,
 )
 
@@ -71,7 +74,6 @@ def degenerate(revision: str, request: str) -> str | None:
 
 def make_runner(cfg: ReviseConfig) -> Callable[[int, list[Item]], list[dict]]:
     """run_batch(batch_no, items) -> traces; loads the model and the inputs."""
-    from fastalign.cai.prompts import has_chat_template, load_lm
 
     principles = load_constitution(cfg.constitution)
     few_shot = load_few_shot(cfg.few_shot)
@@ -91,7 +93,6 @@ def revise_batch(
     model, tokenizer, items: list[Item], principles: list[Principle], few_shot, cfg, batch_no: int
 ):
     """Traces of one batch of prompts (see the module docstring)."""
-    from fastalign.cai.prompts import sample_replies
 
     truncated = [0] * len(items)  # contexts of each prompt cut to fit the model's positions
 

@@ -17,14 +17,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import torch
+
+from fastalign.constants import IGNORE_INDEX
+
 if TYPE_CHECKING:
     import torch
 
-IGNORE_INDEX = -100
-
 
 def _rows_to_batch(ids: list[list[int]], labels: list[list[int]], pad_token_id: int, packing: bool) -> dict:
-    import torch
 
     labels = [[IGNORE_INDEX, *lab[1:]] if lab else [] for lab in labels]
     if packing:
@@ -58,7 +59,6 @@ def _check(examples: list[dict], keys: tuple[str, ...], name: str) -> None:
 
 
 def _index(examples: list[dict]) -> torch.Tensor:
-    import torch
 
     return torch.tensor([int(ex["index"]) for ex in examples], dtype=torch.long)
 
@@ -75,7 +75,6 @@ class PreferenceCollator:
         self.pad_token_id, self.packing = int(pad_token_id), packing
 
     def __call__(self, examples: list[dict]) -> dict:
-        import torch
 
         _check(examples, ("prompt_ids", "chosen_ids", "rejected_ids", "index"), type(self).__name__)
         ids, labels = [], []
@@ -129,7 +128,6 @@ class KTOCollator:
         self.pad_token_id = int(pad_token_id)
 
     def __call__(self, examples: list[dict]) -> dict:
-        import torch
 
         _check(examples, ("prompt_ids", "completion_ids", "label", "index"), type(self).__name__)
         b = len(examples)
@@ -163,7 +161,6 @@ def block_causal_mask(seq_id: torch.Tensor, dtype: torch.dtype | None = None) ->
     would add 0 / 1 and mask nothing), while sdpa accepts a bool or a float mask, a float one only in
     the query's dtype. So pass `dtype` = the model's dtype (default float32).
     """
-    import torch
 
     dtype = torch.float32 if dtype is None else dtype
     if not dtype.is_floating_point:
@@ -184,7 +181,6 @@ def block_causal_mask(seq_id: torch.Tensor, dtype: torch.dtype | None = None) ->
 def unpack_rows(x: torch.Tensor, seq_id: torch.Tensor, num_rows: int, fill=0) -> torch.Tensor:
     """(1, N, ...) packed values -> (num_rows, T_max, ...) right-padded with `fill`, row r holding the
     tokens with seq_id == r in order. Differentiable in `x` (index_put)."""
-    import torch
 
     if x.dim() < 2 or x.shape[0] != 1 or seq_id.shape != x.shape[:2]:
         raise ValueError(

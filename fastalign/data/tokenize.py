@@ -21,9 +21,8 @@ when the cut made them so, `identical_pair` when they tokenise alike uncut.
 
 from __future__ import annotations
 
+from fastalign.constants import IGNORE_INDEX
 from fastalign.data.errors import RowError
-
-IGNORE_INDEX = -100
 
 
 def _identical(cut: bool, room: int, max_length: int) -> RowError:

@@ -27,6 +27,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from fastalign.files import process_umask
+
 PATTERNS = ("sycophancy", "hedging", "verbosity", "wrong_fact")
 MAX_WORDS = 45  # prompt + answer, whitespace words
 # prompt + answer, in `approx_tokens` pieces: on these rows SmolLM2's tokenizer gives at most ~8 more
@@ -925,6 +927,7 @@ def write_jsonl(pairs: Iterable[dict], path: str | os.PathLike, *, chat: bool = 
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write("".join(line + "\n" for line in lines))
+        os.chmod(tmp, 0o666 & ~process_umask())  # mkstemp creates 0600
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

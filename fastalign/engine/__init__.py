@@ -21,7 +21,7 @@ deepspeed.
 
 from __future__ import annotations
 
-import importlib
+from fastalign.lazy import lazy_exports
 
 _EXPORTS = {
     "build_ds_config": "ds_config",
@@ -48,16 +48,4 @@ _EXPORTS = {
     "preflight": "memory",
 }
 
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'fastalign.engine' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"fastalign.engine.{_EXPORTS[name]}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)

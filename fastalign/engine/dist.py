@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import os
 import socket
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
 
 DEFAULT_TIMEOUT_S = 300.0
 
@@ -33,8 +37,6 @@ def _free_port() -> int:
 
 def init_distributed(backend: str | None = None) -> None:
     """`deepspeed.init_distributed` with gloo on CPU / nccl on CUDA (or `backend`), once."""
-    import torch
-    import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         return
@@ -46,7 +48,6 @@ def init_distributed(backend: str | None = None) -> None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "gloo":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    from datetime import timedelta
 
     import deepspeed
 
@@ -56,7 +57,6 @@ def init_distributed(backend: str | None = None) -> None:
 
 
 def _initialized() -> bool:
-    import torch.distributed as dist
 
     return dist.is_available() and dist.is_initialized()
 
@@ -64,16 +64,12 @@ def _initialized() -> bool:
 def rank() -> int:
     """Global rank (0 without a process group: from $RANK, else 0)."""
     if _initialized():
-        import torch.distributed as dist
-
         return dist.get_rank()
     return int(os.environ.get("RANK", "0"))
 
 
 def world_size() -> int:
     if _initialized():
-        import torch.distributed as dist
-
         return dist.get_world_size()
     return int(os.environ.get("WORLD_SIZE", "1"))
 
@@ -86,6 +82,4 @@ def is_main_process() -> bool:
 def barrier() -> None:
     """All ranks wait here (no-op without a process group); bounded by the group timeout."""
     if _initialized():
-        import torch.distributed as dist
-
         dist.barrier()

@@ -14,6 +14,9 @@ from typing import Any
 
 import torch
 
+from fastalign.engine.ds_config import ds_builds_optimizer, frozen_ds_config
+from fastalign.models import unwrap_model
+
 _HF_DS_CONFIG: list[Any] = []  # keeps transformers' weakly referenced HfDeepSpeedConfig alive
 
 
@@ -118,8 +121,6 @@ def build_trainable(model: torch.nn.Module, ds: dict, optimizer=None, lr_schedul
     over the lending optimizer is rebuilt over DeepSpeed's. The engine is in train mode."""
     import deepspeed
 
-    from fastalign.engine.ds_config import ds_builds_optimizer
-
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("build_trainable: the model has no trainable parameters")
@@ -174,8 +175,6 @@ def build_frozen(model: torch.nn.Module, ds: dict):
     under `torch.no_grad()`. `ds` is the trainable config; see `frozen_ds_config`."""
     import deepspeed
 
-    from fastalign.engine.ds_config import frozen_ds_config
-
     model.requires_grad_(False)
     model.eval()
     _rope_in_fp32(model)
@@ -211,7 +210,6 @@ def hidden_states(
     engine with the lm_head skipped — no logits. Under ZeRO-3 this matters: the root forward
     resets the parameter-prefetch trace and the gradient-hook counters each step, which a direct
     call of the decoder submodule would bypass. Works on a plain model too."""
-    from fastalign.models import unwrap_model
 
     base = unwrap_model(engine_or_model)
     with _head_skipped(base):

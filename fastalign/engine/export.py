@@ -21,6 +21,8 @@ import torch
 
 from fastalign.engine.dist import barrier, is_main_process
 from fastalign.engine.gather import gathered_params, is_zero3_param
+from fastalign.models import resolve_dtype, unwrap_model
+from fastalign.models.export import atomic_folder
 
 
 def consolidated_state_dict(
@@ -31,7 +33,6 @@ def consolidated_state_dict(
     A trainable low-precision parameter contributes its fp32 master weight (see the module
     docstring). Collective: every rank must call it. Tied weights appear under each of their
     names (sharing one tensor), as in `module.state_dict()`."""
-    from fastalign.models import unwrap_model
 
     module = unwrap_model(engine_or_model)
     main = is_main_process()
@@ -73,8 +74,6 @@ def export_hf(engine_or_model, tokenizer, out_dir: str | os.PathLike, dtype: str
     beside `out_dir` and renamed into place (never half-written), with the permissions of the
     process umask (`fastalign.models.export.atomic_folder`).
     Collective; every rank returns the resolved path after the write has finished."""
-    from fastalign.models import resolve_dtype, unwrap_model
-    from fastalign.models.export import atomic_folder
 
     cast = None if dtype is None else resolve_dtype(dtype)
     state = consolidated_state_dict(engine_or_model, dtype=cast)

@@ -28,6 +28,8 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 
+from fastalign.models import lm_head_weight, unwrap_model
+
 
 def is_zero3_param(p) -> bool:
     return isinstance(p, torch.Tensor) and hasattr(p, "ds_id")
@@ -81,7 +83,6 @@ def _storage_ptr(t: torch.Tensor) -> int | None:
 
 
 def _head_module(model):
-    from fastalign.models import unwrap_model
 
     base = unwrap_model(model)
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
@@ -105,8 +106,6 @@ def fused_head_params(model) -> Iterator[tuple[torch.Tensor, torch.Tensor | None
     """
     head = _head_module(model)
     if not any(is_zero3_param(p) for p in head.parameters()):
-        from fastalign.models import lm_head_weight
-
         yield lm_head_weight(model)
         return
     if hasattr(head, "lora_A") or hasattr(head, "modules_to_save"):

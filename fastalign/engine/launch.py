@@ -40,6 +40,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from fastalign.config import RECIPES
+
 DLTS_HOSTFILE = "/job/hostfile"  # the deepspeed launcher's default hostfile
 _HOST_LINE = re.compile(r"^(\S+)\s+slots=(\S*)$")
 _LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")  # RFC 1123 §2.1
@@ -165,9 +167,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _recipes() -> tuple[str, ...]:
-    from fastalign.cli import RECIPE_COMMANDS  # the CLI owns the command names
-
-    return RECIPE_COMMANDS
+    return tuple(RECIPES)  # the recipe command names (fastalign.config.RECIPES, torch-free)
 
 
 def _split(argv: list[str]) -> tuple[list[str], list[str]]:

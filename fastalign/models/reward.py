@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from fastalign.models.causal_lm import (
@@ -21,9 +22,8 @@ from fastalign.models.causal_lm import (
     prepare_model,
     unwrap_model,
 )
-from fastalign.models.paths import resolve_model_path
-
-VALUE_HEAD_FILE = "value_head.safetensors"
+from fastalign.models.export import VALUE_HEAD_FILE, save_pretrained
+from fastalign.models.paths import check_model_files, resolve_model_path
 
 
 def _pad_token_id(folder: str, gguf_file: str | None, config, pad_token_id: int | None) -> int:
@@ -61,6 +61,7 @@ def load_reward_model(
     from transformers import AutoModelForSequenceClassification
 
     folder, gguf_file = resolve_model_path(path, gguf_file)
+    check_model_files(folder, gguf_file)
     kw = _pretrained_kwargs(gguf_file, dtype, attn_implementation, device, trust_remote_code)
     model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1, **kw)
     model.config.pad_token_id = _pad_token_id(folder, gguf_file, model.config, pad_token_id)
@@ -106,10 +107,10 @@ class ValueHeadModel(nn.Module):
     ) -> ValueHeadModel:
         """Load the backbone from any model folder; the head from its value_head.safetensors when
         present (a saved ValueHeadModel), else a fresh one. The head stays trainable under LoRA."""
-        from safetensors.torch import load_file
         from transformers import AutoModel
 
         folder, gguf_file = resolve_model_path(path, gguf_file)
+        check_model_files(folder, gguf_file)
         kw = _pretrained_kwargs(gguf_file, dtype, attn_implementation, device, trust_remote_code)
         backbone = AutoModel.from_pretrained(folder, **kw)
         head = None
@@ -150,6 +151,4 @@ class ValueHeadModel(nn.Module):
 
     def save_pretrained(self, out_dir: str | Path, tokenizer=None, *, merge_lora: bool = True, dtype=None):
         """Backbone (config + safetensors, LoRA merged) + value_head.safetensors, written atomically."""
-        from fastalign.models.export import save_pretrained
-
         return save_pretrained(self, tokenizer, out_dir, merge_lora=merge_lora, dtype=dtype)

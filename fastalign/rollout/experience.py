@@ -27,7 +27,10 @@ from typing import Any
 
 import torch
 
-IGNORE = -100
+from fastalign.constants import IGNORE_INDEX
+from fastalign.data.prompts import column_lists
+from fastalign.engine.forward import token_logps as forward_token_logps
+from fastalign.rollout.generate import generate
 
 
 @dataclass
@@ -62,7 +65,7 @@ def pad_batch(
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), int(pad_id), dtype=torch.long)  # (B, T)
     attn = torch.zeros((len(seqs), width), dtype=torch.long)  # (B, T)
-    labels = torch.full((len(seqs), width), IGNORE, dtype=torch.long)  # (B, T)
+    labels = torch.full((len(seqs), width), IGNORE_INDEX, dtype=torch.long)  # (B, T)
     for i, (p, s) in enumerate(zip(prompt_ids, seqs, strict=True)):
         ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
         attn[i, : len(s)] = 1
@@ -82,14 +85,8 @@ def token_logps(
     """Fused per-token log-probs (B, T-1) of the response tokens at `temperature` (0 elsewhere),
     plus the entropy (B, T-1) with `entropy=True`. Differentiable; call under no_grad for
     rollout quantities. `model` may be a DeepSpeed engine (ZeRO-3: collective)."""
-    from fastalign.ops import linear_logprobs
-    from fastalign.trainers import common
-
-    hidden = common.hidden_states(model, batch)  # (B, T-1, H), before the head is gathered
-    with common.head_params(model) as (weight, bias):
-        return linear_logprobs(
-            hidden, weight, shifted(batch), bias=bias, temperature=temperature, return_entropy=entropy
-        )
+    out = forward_token_logps(model, batch, fused=True, temperature=temperature, entropy=entropy)
+    return (out[0], out[2]) if entropy else out[0]
 
 
 def value_predictions(value_model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -118,15 +115,12 @@ def make_experience(
     """Sample one response per row of `rows` (repeat rows for several samples), score it and
     compute the rollout log-probs. `policy` / `ref`: models or DeepSpeed engines (ZeRO-3: every rank
     calls this together, with any number of rows — zero is not allowed: pad with a repeated row)."""
-    from fastalign.data.prompts import column_lists
-    from fastalign.rollout.generate import generate
-
     device = device or torch.device("cpu")
     rows = list(rows)
     g = generate(policy, tokenizer, [r["prompt_ids"] for r in rows], gen, seed=seed)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     batch = pad_batch(g.prompt_ids, g.response_ids, pad, device)
-    mask = shifted(batch) != IGNORE  # (B, T-1)
+    mask = shifted(batch) != IGNORE_INDEX  # (B, T-1)
     lengths = torch.tensor([len(r) for r in g.response_ids], dtype=torch.long)
     prompts = [r["prompt_text"] for r in rows]
     scores, score_metrics = scorer(

@@ -36,8 +36,11 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from fastalign.config import GenerationConfig
+from fastalign.engine.dist import is_main_process
+from fastalign.models import unwrap_model
 
 AUTO_GATHER_FRACTION = 0.5  # "auto" gathers when full params <= this fraction of free memory
 
@@ -74,7 +77,6 @@ def generate(
     tokens (benchmarks use it for equal-length rows). Under ZeRO-3 this is collective: every rank
     must call it (with any number of prompts, zero included).
     """
-    from fastalign.models import unwrap_model
 
     gen.validate()
     if not 0 <= min_new_tokens <= gen.max_new_tokens:
@@ -152,7 +154,6 @@ def _is_zero3(base) -> bool:
 
 def _global_max(n: int, base) -> int:
     """Max of `n` over ranks (collective). gloo reduces CPU tensors, nccl CUDA ones."""
-    import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
         return n
@@ -189,7 +190,6 @@ def _choose_mode(base, zero_mode: str) -> str:
     mode = "gather" if all_fit else "synced"
     if mode not in _LOGGED[-1:]:
         _LOGGED[:] = [mode]
-        from fastalign.engine.dist import is_main_process
 
         if is_main_process():
             print(

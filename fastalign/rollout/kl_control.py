@@ -14,10 +14,14 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
+import torch
+
+from fastalign.losses.kl import kl_estimate
+
 if TYPE_CHECKING:
     import torch
 
-    from fastalign.rollout.config import KLConfig
+    from fastalign.config import KLConfig
 
 
 def _finite(name: str, x: float) -> float:
@@ -89,9 +93,6 @@ def kl_penalty_rewards(
         score: (B,) sequence rewards.
     Returns (B, T) in float32 (float64 when the log-probs are float64).
     """
-    import torch
-
-    from fastalign.losses.kl import kl_estimate
 
     if logps.dim() != 2 or mask.shape != logps.shape:
         raise ValueError(

@@ -28,13 +28,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.distributed as dist
 
+from fastalign.constants import IGNORE_INDEX
+from fastalign.data.tokenize import Encoder
 from fastalign.files import describe_missing
+from fastalign.models import load_reward_model, load_tokenizer
 
 if TYPE_CHECKING:
-    from fastalign.rollout.config import RewardConfig
-
-IGNORE_INDEX = -100
+    from fastalign.config import RewardConfig
 
 
 # ---------------------------------------------------------------------------------------------
@@ -106,7 +108,6 @@ def encode_pair(tok, prompt: str, response: str, *, chat: bool) -> Encoded:
     """The untruncated RM input for (prompt, response): see the module docstring."""
     if getattr(tok, "eos_token_id", None) is None:
         return _encode_native_pair(tok, prompt, response)
-    from fastalign.data.tokenize import Encoder
 
     if chat:
         messages = [{"role": "user", "content": prompt}], [{"role": "assistant", "content": response}]
@@ -217,7 +218,6 @@ class RunningMoments:
 
 
 def _dist_device() -> torch.device:
-    import torch.distributed as dist
 
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
@@ -225,7 +225,6 @@ def _dist_device() -> torch.device:
 
 
 def _gather_moments(part: tuple[int, float, float], device) -> list[tuple[int, float, float]]:
-    import torch.distributed as dist
 
     mine = torch.tensor(part, dtype=torch.float64, device=device)
     every = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
@@ -237,7 +236,6 @@ def _max_over_ranks(n: int, runtime) -> int:
     """ZeRO-3 frozen models gather their shards in every forward: all ranks must run as many."""
     if not getattr(runtime, "distributed", False) or getattr(runtime, "stage", 0) != 3:
         return n
-    import torch.distributed as dist
 
     t = torch.tensor([n], dtype=torch.long, device=_dist_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -272,7 +270,6 @@ def load_reward_models(
 ) -> list[RewardModel]:
     """Each of `cfg.models`, frozen, with its tokenizer. A fresh score head (an RM built on a plain
     backbone) is initialised from `seed + i` without touching the global RNG streams."""
-    from fastalign.models import load_reward_model, load_tokenizer
 
     out = []
     cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from fastalign.rollout.config import WatchConfig
+    from fastalign.config import WatchConfig
 
 
 def _value(metrics: Mapping[str, float], *keys: str) -> float | None:

@@ -1,7 +1,7 @@
-"""Recipes (SFT, reward model, DPO family, KTO) over one shared training loop.
-
-`loop.run(train_cfg, task)` owns steps, gradient accumulation, schedule, clipping, mixed precision,
-evaluation, logging, checkpoints and exact resume; each recipe module (`sft`, `rm`, `dpo`, `kto`)
-only builds a `Task`: the model to train, the data, the collator and its batch → loss step.
-Modules are imported on use so `import fastalign.trainers` stays light.
+"""Training: one run session (`session.py`: folder lock, resume + fingerprint check, metrics,
+progress, checkpoints, export) under two thin drivers — `loop.run(cfg, task)` (gradient steps:
+SFT, RM, DPO family, KTO) and `rollout_loop.run(cfg, algo)` (rollout iterations: PPO, GRPO,
+online DPO). Each recipe module only builds: `build(cfg) -> Task | RolloutAlgo`; the registry that
+maps command names to them is `fastalign.recipes`. Modules are imported on use so `import
+fastalign.trainers` stays light.
 """

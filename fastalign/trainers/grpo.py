@@ -20,29 +20,28 @@ from typing import Any
 
 import torch
 
+from fastalign.config import GRPORecipe
+from fastalign.engine.forward import fused_head_loss
+from fastalign.losses import FusedLinearPolicyLoss
+from fastalign.losses.policy import grpo_advantages, rloo_advantages
+from fastalign.rollout.experience import make_experience, select
 from fastalign.trainers import rollout_loop as rl
-from fastalign.trainers.loop import RunResult
+from fastalign.trainers.runtime import update
+from fastalign.trainers.setup import export_fn, setup_online
 
 AUTO_AGG = {"grpo": "seq-mean-token-mean", "dr_grpo": "seq-mean-token-sum-norm", "rloo": "token-mean"}
 
 
 def group_advantages(scores: torch.Tensor, group_size: int, estimator: str) -> torch.Tensor:
     """(B·G,) advantages of consecutive groups of `group_size` scores."""
-    from fastalign.losses.policy import grpo_advantages, rloo_advantages
-
     if estimator == "rloo":
         return rloo_advantages(scores, group_size)
     return grpo_advantages(scores, group_size, scale="std" if estimator == "grpo" else "none")
 
 
-def build(cfg) -> rl.RolloutAlgo:
-    """The GRPO-family `RolloutAlgo` of a `fastalign.config.GRPORecipe`."""
-    from fastalign.losses import FusedLinearPolicyLoss
-    from fastalign.rollout.experience import make_experience, select
-    from fastalign.trainers import common
-
+def build(cfg: GRPORecipe) -> rl.RolloutAlgo:
     g = cfg.grpo
-    s = rl.setup(cfg, "grpo", g.reference)
+    s = setup_online(cfg, "grpo", g.reference)
     iters = rl.total_iterations(cfg.train, len(s.prompts), s.rt.world)
     n_rows = cfg.train.batch_size * g.group_size
     total = iters * g.epochs * min(g.minibatches, n_rows)
@@ -58,6 +57,13 @@ def build(cfg) -> rl.RolloutAlgo:
     )
     seed = cfg.train.seed
 
+    def policy_loss(mb: dict[str, Any], adv: torch.Tensor):
+        def fn(hidden, weight, bias):
+            labels, ref = mb["labels"][:, 1:], mb.get("ref_logps")
+            return loss_fn(hidden, weight, labels, mb["old_logps"], adv, mb["mask"], bias=bias, ref_logps=ref)
+
+        return fused_head_loss(policy.fwd, mb, fn)
+
     def iteration(it: int, rows: list[dict]) -> dict[str, float]:
         grouped = [r for r in rows for _ in range(g.group_size)]  # group i = rows [iG, (i+1)G)
         exp = make_experience(
@@ -68,14 +74,8 @@ def build(cfg) -> rl.RolloutAlgo:
         acc: list[dict[str, Any]] = []
         for epoch in range(g.epochs):
             for idx in rl.minibatch_indices(len(exp), g.minibatches, seed + 7919 * it + epoch):
-                mb = select(exp, idx)
-                hidden = common.hidden_states(policy.fwd, mb)  # (b, T-1, H)
-                with common.head_params(policy.fwd) as (weight, bias):
-                    loss, st = loss_fn(
-                        hidden, weight, mb["labels"][:, 1:], mb["old_logps"], adv[idx], mb["mask"],
-                        bias=bias, ref_logps=mb.get("ref_logps"),
-                    )  # fmt: skip
-                gn = policy.step(loss)
+                loss, st = policy_loss(select(exp, idx), adv[idx])
+                gn = update(policy, loss)
                 acc.append({
                     "loss": loss.detach(), "policy/clipfrac": st["clipfrac"],
                     "policy/approx_kl": st["approx_kl"], "policy/kl_loss_term": st.get("kl", 0.0),
@@ -99,10 +99,5 @@ def build(cfg) -> rl.RolloutAlgo:
         iteration=iteration,
         watch=s.watch,
         state={"scorer": s.scorer, "watch": s.watch},
-        export=common.export_fn(s.model, s.tok, s.rt),
+        export=export_fn(s.model, s.tok, s.rt),
     )
-
-
-def run(cfg) -> RunResult:
-    """`fastalign grpo --config ...`."""
-    return rl.run(cfg.train, build(cfg))

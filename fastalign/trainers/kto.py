@@ -13,9 +13,17 @@ from typing import Any
 
 import torch
 
-from fastalign.trainers import common
-from fastalign.trainers.dpo import cached_reference, from_cache, reference_scorer
+from fastalign.config import KTORecipe
+from fastalign.constants import IGNORE_INDEX
+from fastalign.data import FormatUndetectedError, SFTCollator
+from fastalign.engine.forward import fused_head_loss, shifted_labels, token_logps
+from fastalign.losses import FusedLinearKTOLoss, kto_loss, sequence_logps
+from fastalign.ops import linear_logprobs
+from fastalign.trainers.datasets import load_datasets
 from fastalign.trainers.loop import Task
+from fastalign.trainers.reference import cached_reference, from_cache, reference_scorer
+from fastalign.trainers.runtime import say
+from fastalign.trainers.setup import setup
 
 
 class Unpaired(Sequence):
@@ -39,15 +47,17 @@ class Unpaired(Sequence):
         }
 
 
-def load_kto_data(cfg, tok):
+def load_kto_data(cfg: KTORecipe, tok):
     """KTO rows (prompt, completion, label); a preference file is unpaired (held-out split by pair)."""
-    try:
-        return common.load_datasets("kto", cfg.data, tok, cfg.train.seed, "kto")[:2]
-    except ValueError as e:
-        if "format undetected" not in str(e) or cfg.data.format not in ("auto", "preference", "hh", "chat"):
-            raise
-    train, evals, _ = common.load_datasets("preference", cfg.data, tok, cfg.train.seed, "kto")
-    common._log("[kto] preference pairs unpaired: chosen -> desirable, rejected -> undesirable")
+    if cfg.data.format in ("auto", "kto"):
+        try:
+            return load_datasets("kto", cfg.data, tok, cfg.train.seed, "kto")[:2]
+        except FormatUndetectedError:
+            if cfg.data.format == "kto":
+                raise
+    # data.format preference / hh / chat name a pair format: unpair it
+    train, evals, _ = load_datasets("preference", cfg.data, tok, cfg.train.seed, "kto")
+    say("[kto] preference pairs unpaired: chosen -> desirable, rejected -> undesirable")
     return Unpaired(train), (Unpaired(evals) if evals else None)
 
 
@@ -70,8 +80,6 @@ class KTOBatches:
     """Collates main rows then mismatched KL rows into one (2B, T) batch (one forward for both)."""
 
     def __init__(self, pad_token_id: int) -> None:
-        from fastalign.data import SFTCollator
-
         self.inner = SFTCollator(pad_token_id, packing=False)
 
     def __call__(self, rows: list[dict]) -> dict[str, Any]:
@@ -79,7 +87,7 @@ class KTOBatches:
             ids = list(r["prompt_ids"]) + list(completion)
             return {
                 "input_ids": ids,
-                "labels": [common.IGNORE] * len(r["prompt_ids"]) + list(completion),
+                "labels": [IGNORE_INDEX] * len(r["prompt_ids"]) + list(completion),
                 "index": r["index"],
             }
 
@@ -91,11 +99,8 @@ class KTOBatches:
         return batch
 
 
-def build(cfg) -> Task:
-    """A KTO Task from a `fastalign.config.KTORecipe`."""
-    from fastalign.losses import FusedLinearKTOLoss, kto_loss, sequence_logps
-
-    rt, device, tok, model = common.setup(cfg)
+def build(cfg: KTORecipe) -> Task:
+    rt, device, tok, model = setup(cfg)
     train, evals = load_kto_data(cfg, tok)
     train, evals = WithPartner(train), (WithPartner(evals) if evals else None)
     collate = KTOBatches(tok.pad_token_id)
@@ -119,22 +124,26 @@ def build(cfg) -> Task:
         else:
             ref = score_ref(batch)
             ref_main, ref_kl = ref[:b], ref[b:]
-        labels = common.shifted_labels(batch)
+        labels = shifted_labels(batch)
         desirable = batch["desirable"]
         fwd = rt.forward_module(model)  # the DeepSpeed engine under a launcher
         if fused:
-            hidden = common.hidden_states(fwd, batch)  # (2B, T-1, H): main rows, then KL rows
-            with common.head_params(fwd) as (weight, bias):
+
+            def loss_fn(hidden, weight, bias):  # hidden (2B, T-1, H): main rows, then KL rows
                 with torch.no_grad():
-                    kl_pol = loss_mod._seq(hidden[b:].detach(), weight.detach(), labels[b:], bias)
+                    kl_tok = linear_logprobs(hidden[b:], weight, labels[b:], bias=bias)
+                    kl_pol = sequence_logps(kl_tok, labels[b:] != IGNORE_INDEX)
                     z0 = (kl_pol - ref_kl.to(kl_pol.dtype)).mean().clamp(min=0)
                 loss, m = loss_mod(
                     hidden[:b], weight, labels[:b], desirable, bias=bias, ref_logps=ref_main, kl_ref_point=z0
                 )
+                return loss, m, z0
+
+            loss, m, z0 = fused_head_loss(fwd, batch, loss_fn)
             rewards, policy = m["rewards"], m["logps"]
         else:
-            logp, labels = common.token_logps(fwd, batch, fused=False)
-            seq = sequence_logps(logp, labels != common.IGNORE)
+            logp, labels = token_logps(fwd, batch, fused=False)
+            seq = sequence_logps(logp, labels != IGNORE_INDEX)
             policy = seq[:b]
             z0 = (seq[b:].detach() - ref_kl.to(seq.dtype)).mean().clamp(min=0)
             losses, rewards = kto_loss(
@@ -159,14 +168,5 @@ def build(cfg) -> Task:
             "kl": z0.detach(),
         }
 
-    return Task(
-        name="kto",
-        model=model,
-        train_data=train,
-        eval_data=evals,
-        collate=collate,
-        loss_step=loss_step,
-        export=common.export_fn(model, tok, rt),
-        runtime=rt,
-        count_tokens=lambda b: int(b["attention_mask"][: b["desirable"].shape[0]].sum()),
-    )
+    tokens = lambda b: int(b["attention_mask"][: b["desirable"].shape[0]].sum())  # not the KL rows
+    return Task("kto", model, tok, rt, train, evals, collate, loss_step, count_tokens=tokens)

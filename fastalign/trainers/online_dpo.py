@@ -19,8 +19,15 @@ from typing import Any
 
 import torch
 
+from fastalign.config import OnlineDPORecipe
+from fastalign.data import PreferenceCollator
+from fastalign.engine.forward import fused_head_loss, sequence_logps_of, shifted_labels
+from fastalign.losses import FusedLinearPreferenceLoss
+from fastalign.models import unwrap_model
+from fastalign.rollout.experience import make_experience
 from fastalign.trainers import rollout_loop as rl
-from fastalign.trainers.loop import RunResult
+from fastalign.trainers.runtime import update
+from fastalign.trainers.setup import export_fn, setup_online
 
 
 def best_worst_pairs(scores: torch.Tensor, k: int, tol: float = 1e-6) -> list[tuple[int, int]]:
@@ -36,8 +43,6 @@ def best_worst_pairs(scores: torch.Tensor, k: int, tol: float = 1e-6) -> list[tu
 
 def copy_weights(dst, src) -> None:
     """dst ← src for two models of one architecture (ZeRO-3: shard by shard, same partitioning)."""
-    from fastalign.models import unwrap_model
-
     with torch.no_grad():
         for pd, ps in zip(unwrap_model(dst).parameters(), unwrap_model(src).parameters(), strict=True):
             if hasattr(pd, "ds_tensor"):
@@ -57,15 +62,9 @@ def _chunks(pairs: list, k: int) -> list[list]:
     return out
 
 
-def build(cfg) -> rl.RolloutAlgo:
-    """The online-DPO `RolloutAlgo` of a `fastalign.config.OnlineDPORecipe`."""
-    from fastalign.data import PreferenceCollator
-    from fastalign.losses import FusedLinearPreferenceLoss
-    from fastalign.rollout.experience import make_experience
-    from fastalign.trainers import common
-
+def build(cfg: OnlineDPORecipe) -> rl.RolloutAlgo:
     o = cfg.online_dpo
-    s = rl.setup(cfg, "online-dpo", o.reference)
+    s = setup_online(cfg, "online-dpo", o.reference)
     iters = rl.total_iterations(cfg.train, len(s.prompts), s.rt.world)
     total = iters * o.epochs * o.minibatches
     policy = rl.make_trainable("policy", s.model, s.rt, cfg.train, total, cfg.train.lr)
@@ -77,15 +76,13 @@ def build(cfg) -> rl.RolloutAlgo:
     def dpo_step(examples: list[dict], real: bool) -> dict[str, Any]:
         batch = {k: v.to(s.device) if torch.is_tensor(v) else v for k, v in collate(examples).items()}
         with torch.no_grad():
-            ref = common.sequence_logps_of(s.ref, batch, True, False)  # (2b,)
+            ref = sequence_logps_of(s.ref, batch, True, False)  # (2b,)
         b = ref.shape[0] // 2
-        hidden = common.hidden_states(policy.fwd, batch)
-        labels = common.shifted_labels(batch)
-        with common.head_params(policy.fwd) as (weight, bias):
-            loss, m = loss_mod(
-                hidden, weight, labels, bias=bias, ref_chosen_logps=ref[:b], ref_rejected_logps=ref[b:]
-            )
-        gn = policy.step(loss if real else loss * 0.0)
+        labels = shifted_labels(batch)
+        loss, m = fused_head_loss(policy.fwd, batch, lambda h, w, bias: loss_mod(
+            h, w, labels, bias=bias, ref_chosen_logps=ref[:b], ref_rejected_logps=ref[b:]
+        ))  # fmt: skip
+        gn = update(policy, loss if real else loss * 0.0)
         return {"loss": loss.detach(), "rewards/accuracies": m["accuracy"], "rewards/margins": m["margin"],
                 "grad_norm": gn}  # fmt: skip
 
@@ -128,10 +125,5 @@ def build(cfg) -> rl.RolloutAlgo:
         iteration=iteration,
         watch=s.watch,
         state={"scorer": s.scorer, "watch": s.watch},
-        export=common.export_fn(s.model, s.tok, s.rt),
+        export=export_fn(s.model, s.tok, s.rt),
     )
-
-
-def run(cfg) -> RunResult:
-    """`fastalign online-dpo --config ...`."""
-    return rl.run(cfg.train, build(cfg))

@@ -21,20 +21,31 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
+from safetensors.torch import load_file
 
+from fastalign.config import PPORecipe
+from fastalign.engine.forward import fused_head_loss, shifted_hidden_states
+from fastalign.engine.gather import gathered_params
+from fastalign.losses import FusedLinearPolicyLoss
+from fastalign.losses.policy import value_loss
+from fastalign.models import ValueHeadModel, resolve_model_path, unwrap_model
+from fastalign.models.export import VALUE_HEAD_FILE
+from fastalign.ops import gae
+from fastalign.rollout.experience import make_experience, select, value_predictions
+from fastalign.rollout.kl_control import kl_penalty_rewards, make_kl_controller
 from fastalign.trainers import rollout_loop as rl
-from fastalign.trainers.loop import RunResult
+from fastalign.trainers.runtime import Runtime, Trainable, update
+from fastalign.trainers.setup import OnlineSetup, export_fn, setup_online
 
 
-def whiten(x: torch.Tensor, mask: torch.Tensor, rt=None, eps: float = 1e-8) -> torch.Tensor:
+def whiten(x: torch.Tensor, mask: torch.Tensor, rt: Runtime | None = None, eps: float = 1e-8) -> torch.Tensor:
     """(x − mean) / std over the valid tokens of the GLOBAL batch (sums all-reduced across ranks
     under a launcher), 0 elsewhere: every rank then scales its advantages identically."""
     m = mask.to(torch.float64)
     xd = torch.where(mask, x, 0.0).to(torch.float64)
     stats = torch.stack([m.sum(), xd.sum(), (xd * xd).sum()])  # (3,)
     if rt is not None and rt.distributed:
-        import torch.distributed as dist
-
         dist.all_reduce(stats)
     n, s, ss = stats.tolist()
     n = max(n, 1.0)
@@ -53,22 +64,15 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
     return float(1.0 - (r - v).var() / var) if var > 0 else 0.0
 
 
-def _value_model(cfg, s: rl.Setup, total: int) -> rl.Trainable | None:
+def _value_model(cfg: PPORecipe, s: OnlineSetup, total: int) -> Trainable | None:
     """The separate critic: ValueHeadModel from ppo.value_path / the first reward-model folder /
-    the policy's folder, its own runtime (ZeRO: its own engine). None for a shared head."""
+    the policy's folder, with its own optimizer (ZeRO: its own engine). None for a shared head."""
     if cfg.ppo.value_model != "separate":
         return None
-    from safetensors.torch import load_file
-
-    from fastalign.models import ValueHeadModel
-    from fastalign.models.paths import resolve_model_path
-    from fastalign.models.reward import VALUE_HEAD_FILE
-    from fastalign.trainers import runtime
-
     path = cfg.ppo.value_path
     if path is None:
         path = next((m for m in cfg.reward.models if not m.startswith("pypi:")), cfg.model.path)
-    rt = runtime.make(cfg)
+    rt = s.rt
     folder, _ = resolve_model_path(path)
     with rt.init_models():
         vm = ValueHeadModel.from_pretrained(
@@ -87,8 +91,6 @@ def init_value_head(head: torch.nn.Linear, seed: int, state: dict | None = None)
     (ValueHeadModel's init). Done here, under a gather, because inside `zero.Init` a submodule's
     parameters are already partitioned when the parent's __init__ would initialise them; so the
     same seed gives the same head with and without ZeRO-3 (collective under ZeRO-3)."""
-    from fastalign.engine.gather import gathered_params
-
     h = head.in_features
     with gathered_params([head.weight, head.bias], modifier_rank=0), torch.no_grad():
         if state is not None:
@@ -100,7 +102,7 @@ def init_value_head(head: torch.nn.Linear, seed: int, state: dict | None = None)
         head.bias.copy_(b.reshape(head.bias.shape).to(head.bias.dtype))
 
 
-def _shared_head(cfg, s: rl.Setup) -> None:
+def _shared_head(cfg: PPORecipe, s: OnlineSetup) -> None:
     """Attach `value_head` (Linear(H, 1)) to the policy: values from its last hidden states."""
     with s.rt.init_models():
         head = torch.nn.Linear(s.model.config.hidden_size, 1, device=s.device)
@@ -112,32 +114,22 @@ def _shared_head(cfg, s: rl.Setup) -> None:
 
 def _policy_forward(fwd, mb: dict[str, Any], loss_fn, adv: torch.Tensor, shared: bool):
     """(policy loss, stats, values or None) for a minibatch; values from the shared head."""
-    from fastalign.trainers import common
-
-    hidden = common.hidden_states(fwd, mb)  # (b, T-1, H)
     labels = mb["labels"][:, 1:]
-    with common.head_params(fwd) as (weight, bias):
+
+    def losses(hidden, weight, bias):  # hidden (b, T-1, H)
         loss, stats = loss_fn(hidden, weight, labels, mb["old_logps"], adv, mb["mask"], bias=bias)
-    values = None
-    if shared:
-        from fastalign.models import unwrap_model
+        values = None
+        if shared:
+            head = unwrap_model(fwd).value_head
+            values = head(hidden.to(head.weight.dtype)).squeeze(-1).float()  # (b, T-1)
+        return loss, stats, values
 
-        head = unwrap_model(fwd).value_head
-        values = head(hidden.to(head.weight.dtype)).squeeze(-1).float()  # (b, T-1)
-    return loss, stats, values
+    return fused_head_loss(fwd, mb, losses)
 
 
-def build(cfg) -> rl.RolloutAlgo:
-    """The PPO `RolloutAlgo` of a `fastalign.config.PPORecipe`."""
-    from fastalign.losses import FusedLinearPolicyLoss
-    from fastalign.losses.policy import value_loss
-    from fastalign.ops import gae
-    from fastalign.rollout.experience import make_experience, select, value_predictions
-    from fastalign.rollout.kl_control import kl_penalty_rewards, make_kl_controller
-    from fastalign.trainers import common
-
+def build(cfg: PPORecipe) -> rl.RolloutAlgo:
     p = cfg.ppo
-    s = rl.setup(cfg, "ppo", p.reference)
+    s = setup_online(cfg, "ppo", p.reference)
     shared = p.value_model == "shared"
     if shared:
         _shared_head(cfg, s)
@@ -154,7 +146,7 @@ def build(cfg) -> rl.RolloutAlgo:
 
     def critic(batch) -> torch.Tensor:
         if shared:
-            hidden = common.hidden_states(policy.fwd, batch)
+            hidden = shifted_hidden_states(policy.fwd, batch)
             head = s.model.value_head
             return head(hidden.to(head.weight.dtype)).squeeze(-1).float()
         return value_predictions(value.fwd, batch)
@@ -185,10 +177,10 @@ def build(cfg) -> rl.RolloutAlgo:
                     v_new = value_predictions(value.fwd, mb)
                 vf, vst = value_loss(v_new, mb["values"], mb_ret, mb["mask"], clip_eps=p.value_clip)
                 if shared:
-                    gn = policy.step(pg + p.vf_coef * vf)
+                    gn = update(policy, pg + p.vf_coef * vf)
                 else:
-                    gn = policy.step(pg)
-                    value.step(p.vf_coef * vf)
+                    gn = update(policy, pg)
+                    update(value, p.vf_coef * vf)
                 epoch_acc.append({
                     "loss": pg.detach() + p.vf_coef * vf.detach(), "policy/loss": pg.detach(),
                     "policy/clipfrac": st["clipfrac"], "policy/approx_kl": st["approx_kl"],
@@ -215,7 +207,7 @@ def build(cfg) -> rl.RolloutAlgo:
     def export(out_dir, dtype=None):
         head = s.model._modules.pop("value_head", None)  # the exported policy is a plain causal LM
         try:
-            common.export_fn(s.model, s.tok, s.rt)(out_dir, dtype=dtype)
+            export_fn(s.model, s.tok, s.rt)(out_dir, dtype=dtype)
         finally:
             if head is not None:
                 s.model.add_module("value_head", head)
@@ -229,9 +221,5 @@ def build(cfg) -> rl.RolloutAlgo:
         watch=s.watch,
         state={"kl_controller": ctl, "scorer": s.scorer, "watch": s.watch},
         export=export,
+        peak_lrs={"value": cfg.ppo.value_lr or cfg.train.lr},
     )
-
-
-def run(cfg) -> RunResult:
-    """`fastalign ppo --config ...`: build and run the PPO iterations."""
-    return rl.run(cfg.train, build(cfg))

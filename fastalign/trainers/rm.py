@@ -7,17 +7,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastalign.trainers import common
+from fastalign.config import RMRecipe
+from fastalign.data import PreferenceCollator
+from fastalign.losses import bradley_terry_loss
+from fastalign.trainers.datasets import load_datasets
 from fastalign.trainers.loop import Task
+from fastalign.trainers.setup import setup
 
 
-def build(cfg) -> Task:
-    """A reward-model Task from a `fastalign.config.RMRecipe`."""
-    from fastalign.data import PreferenceCollator
-    from fastalign.losses import bradley_terry_loss
-
-    rt, _, tok, model = common.setup(cfg, reward=True)
-    train, evals, _ = common.load_datasets("preference", cfg.data, tok, cfg.train.seed, "rm")
+def build(cfg: RMRecipe) -> Task:
+    rt, _, tok, model = setup(cfg, reward=True)
+    train, evals, _ = load_datasets("preference", cfg.data, tok, cfg.train.seed, "rm")
     if cfg.rm.use_margin and "margin" not in train[0]:
         raise ValueError(
             "rm.use_margin: true needs a margin column in the data (map it with data.columns.margin=...)"
@@ -48,14 +48,5 @@ def build(cfg) -> Task:
             "rewards/margins": d.mean(),
         }
 
-    return Task(
-        name="rm",
-        model=model,
-        train_data=train,
-        eval_data=evals,
-        collate=collate,
-        loss_step=loss_step,
-        export=common.export_fn(model, tok, rt),
-        runtime=rt,
-        count_tokens=lambda b: int(b["attention_mask"].sum()),
-    )
+    tokens = lambda b: int(b["attention_mask"].sum())  # prompt + both responses
+    return Task("rm", model, tok, rt, train, evals, collate, loss_step, count_tokens=tokens)

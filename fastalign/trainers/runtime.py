@@ -1,41 +1,125 @@
-"""Where a recipe runs: one process (`Local`) or a DeepSpeed engine on every rank (`ZeRO`).
+"""Where a recipe runs: one process (`LocalRuntime`) or DeepSpeed ZeRO 0–3 on every rank of a
+launcher (`ZeroRuntime`). Both implement the `Runtime` protocol; neither inherits from the other.
 
-The loop and the recipes talk to the same few methods, so the recipes run unchanged under
+A runtime builds models (`init_models()`: sharded under ZeRO-3), frozen copies (`frozen`), and
+`Trainable`s: a model with its optimizer and schedule, wrapped in a DeepSpeed engine under ZeRO.
+The drivers and recipes talk only to these protocols, so every recipe runs unchanged under
 `torchrun` / `deepspeed`:
 
-- `init_models()`: context in which models are built (ZeRO-3: `deepspeed.zero.Init`, sharded).
-- `prepare(model, optimizer, scheduler)`: ZeRO wraps the policy in `deepspeed.initialize`;
-  `frozen(model)`: a reference model (ZeRO-3: a frozen sharded engine).
-- `forward_module(model)`: what to call for a forward (the engine that owns `model`, or `model`).
-- `backward(loss)` / `step() -> grad norm`: Local divides by grad_accum, clips and steps AdamW
-  exactly as before; DeepSpeed scales by its gradient_accumulation_steps, clips and steps itself
-  (at the accumulation boundary), so the loss is *not* pre-divided there.
-- `save(...)` / `load(...)`: same `step-N` folder layout; the ZeRO shards go in a `zero/` tag
-  folder written collectively, rank 0 writes trainer_state.json.
-- `export(model, tokenizer, out)`, `rows_of(global_rows)` (each rank's disjoint slice),
-  `mean_over_ranks(metrics, weight)`, `barrier()`, `is_main`.
+- `Trainable.backward(loss)` / `micro_step()` / `step() -> grad norm`: Local divides by
+  grad_accum, clips and steps AdamW; DeepSpeed scales by its gradient_accumulation_steps, clips and
+  steps itself at the accumulation boundary, so the loss is *not* pre-divided there.
+- `Trainable.save(folder)` / `load(folder)`: this trainable's part of a checkpoint (Local:
+  `model.safetensors` + `optimizer.pt`; ZeRO: the engine's sharded tag folder, collective). The
+  checkpoint layout around them belongs to `fastalign.trainers.checkpoint`.
+- `rows_of(global_rows)` (each rank's disjoint slice), `mean_over_ranks`, `barrier`, `export`.
 
-`make(cfg)` picks one from `engine.backend` ("auto": ZeRO when the launcher set WORLD_SIZE > 1).
+`make_runtime(cfg)` picks one from `engine.backend` ("auto": ZeRO when the launcher set WORLD_SIZE > 1).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
-from collections.abc import Mapping
-from contextlib import nullcontext
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
+from typing import Any, Protocol
 
 import torch
+import torch.distributed as dist
+from safetensors.torch import load_model, save_model
+
+from fastalign import engine
+from fastalign.config import TrainConfig
+from fastalign.models import save_pretrained
 
 
-def wants_deepspeed(ecfg) -> bool:
-    if ecfg.backend == "auto":
-        return int(os.environ.get("WORLD_SIZE", "1")) > 1
-    return ecfg.backend == "deepspeed"
+def say(msg: str) -> None:
+    """A stderr line from rank 0 only (every rank would print it under a launcher)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(msg, file=sys.stderr, flush=True)
 
 
-def make(cfg) -> Local | ZeRO:
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def autocast_dtype(mixed_precision: str, device: torch.device) -> torch.dtype | None:
+    if mixed_precision == "auto":
+        cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if cuda_bf16 else None
+    return {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[mixed_precision]
+
+
+class Trainable(Protocol):
+    """A trained model with its optimizer and schedule (and engine under ZeRO)."""
+
+    name: str
+    model: torch.nn.Module
+    optimizer: Any
+    scheduler: Any
+
+    @property
+    def fwd(self) -> torch.nn.Module:
+        """What to call for a forward: the DeepSpeed engine under ZeRO, else the model."""
+
+    @property
+    def lr(self) -> float: ...
+
+    def backward(self, loss: torch.Tensor) -> None: ...
+
+    def micro_step(self) -> None:
+        """After every micro-batch's backward (DeepSpeed counts micro-batches itself)."""
+
+    def step(self, guard: Callable[[torch.Tensor], None] | None = None) -> float:
+        """Clip, optimizer step, zero grads, scheduler step; the pre-clip gradient norm. `guard`
+        sees the gradient norm before the optimizer step and may raise to stop it (one process;
+        under ZeRO the engine has stepped already)."""
+
+    def save(self, folder: Path) -> None: ...
+
+    def load(self, folder: Path) -> None: ...
+
+
+def update(t: Trainable, loss: torch.Tensor) -> float:
+    """One whole optimizer step on `loss` (grad_accum 1): backward, micro step, step."""
+    t.backward(loss)
+    t.micro_step()
+    return t.step()
+
+
+class Runtime(Protocol):
+    distributed: bool
+    rank: int
+    world: int
+    is_main: bool
+
+    def device(self, cfg_device: str) -> torch.device: ...
+
+    def init_models(self) -> AbstractContextManager: ...
+
+    def frozen(self, model: torch.nn.Module) -> torch.nn.Module: ...
+
+    def trainable(
+        self, name: str, model, optimizer, scheduler, *, grad_accum: int, max_grad_norm, scaler=None
+    ) -> Trainable: ...
+
+    def forward_module(self, model: torch.nn.Module) -> torch.nn.Module: ...
+
+    def rows_of(self, rows: list[int], batch_size: int) -> tuple[list[int], bool]: ...
+
+    def export(self, model, tokenizer, out_dir: Path, dtype: str | None = None) -> None: ...
+
+    def mean_over_ranks(self, metrics: Mapping[str, float], weight: float) -> dict[str, float]: ...
+
+    def barrier(self) -> None: ...
+
+
+def make_runtime(cfg) -> Runtime:
     """The runtime of a recipe config (`cfg.engine`, `cfg.train`)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if cfg.engine.backend == "none" and world > 1:
@@ -43,53 +127,41 @@ def make(cfg) -> Local | ZeRO:
             f"engine.backend=none under a launcher (WORLD_SIZE={world}): every rank would train alone "
             "and write the same files; use engine.backend=auto or deepspeed, or run without the launcher"
         )
-    return ZeRO(cfg) if wants_deepspeed(cfg.engine) else Local()
+    wants = world > 1 if cfg.engine.backend == "auto" else cfg.engine.backend == "deepspeed"
+    return ZeroRuntime(cfg) if wants else LocalRuntime()
 
 
-def log(msg: str) -> None:
-    """stderr line from rank 0 only (every rank prints under a launcher otherwise)."""
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(msg, file=sys.stderr)
-
-
-class Local:
-    """Single process: the behaviour (and numerics) of the loop before ZeRO existed."""
-
-    distributed = False
-    rank, world, is_main = 0, 1, True
-
-    def init_models(self):
-        return nullcontext()
-
-    def frozen(self, model: torch.nn.Module) -> torch.nn.Module:
-        return model
-
-    def forward_module(self, model):
-        return model
-
-    def rows_of(self, rows: list[int], batch_size: int) -> tuple[list[int], bool]:
-        return rows, True
-
-    def device(self, cfg_device: str) -> torch.device:
-        from fastalign.trainers.loop import resolve_device
-
-        return resolve_device(cfg_device)
-
-    def prepare(self, model, optimizer, scheduler, *, grad_accum: int, max_grad_norm, scaler=None) -> None:
-        self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
+# ---------------------------------------------------------------------------------------------
+# one process
+# ---------------------------------------------------------------------------------------------
+class LocalTrainable:
+    def __init__(self, name, model, optimizer, scheduler, grad_accum: int, max_grad_norm, scaler=None):
+        self.name, self.model, self.optimizer, self.scheduler = name, model, optimizer, scheduler
+        self.grad_accum, self.max_grad_norm, self.scaler = grad_accum, max_grad_norm, scaler
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.grad_accum, self.max_grad_norm = grad_accum, max_grad_norm
+
+    @property
+    def fwd(self) -> torch.nn.Module:
+        return self.model
+
+    @property
+    def lr(self) -> float:
+        return float(self.scheduler.get_last_lr()[0])
 
     def backward(self, loss: torch.Tensor) -> None:
         scaled = loss / self.grad_accum
         (self.scaler.scale(scaled) if self.scaler else scaled).backward()
 
-    def step(self) -> float:
-        """Clip, optimizer step, zero grads, scheduler step; the pre-clip gradient norm."""
+    def micro_step(self) -> None:
+        pass
+
+    def step(self, guard: Callable[[torch.Tensor], None] | None = None) -> float:
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         max_norm = self.max_grad_norm if self.max_grad_norm is not None else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        if guard is not None:
+            guard(grad_norm)
         if self.scaler:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -99,29 +171,61 @@ class Local:
         self.scheduler.step()
         return float(grad_norm)
 
-    def micro_step(self) -> None:
-        """Called after every micro-batch's backward (DeepSpeed counts micro-batches itself)."""
+    def save(self, folder: Path) -> None:
 
-    def save(self, out: Path, step: int, state: dict, keep_last: int) -> Path:
-        from fastalign.trainers.checkpoint import save_checkpoint
+        folder.mkdir(parents=True, exist_ok=True)
+        save_model(self.model, str(folder / "model.safetensors"))  # handles tied (shared) tensors
+        state = {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+        }
+        torch.save(state, folder / "optimizer.pt")
 
-        return save_checkpoint(
-            out, step, self.model, self.optimizer, self.scheduler, state, keep_last, self.scaler
-        )
+    def load(self, folder: Path) -> None:
 
-    def load(self, path: Path) -> dict:
-        from fastalign.trainers.checkpoint import load_checkpoint
+        weights = folder / "model.safetensors"
+        if not weights.is_file():
+            raise FileNotFoundError(
+                f"{folder}: no model.safetensors; the checkpoint was written by a run under a launcher "
+                "(resume it with the same launcher and number of ranks)"
+            )
+        device = next(self.model.parameters()).device
+        load_model(self.model, str(weights), strict=True, device=str(device))
+        state = torch.load(folder / "optimizer.pt", map_location=device, weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("scaler") is not None:
+            self.scaler.load_state_dict(state["scaler"])
 
-        return load_checkpoint(path, self.model, self.optimizer, self.scheduler, self.scaler)
+
+class LocalRuntime:
+    """Single process: the loop's behaviour (and numerics) without DeepSpeed."""
+
+    distributed = False
+    rank, world, is_main = 0, 1, True
+
+    def device(self, cfg_device: str) -> torch.device:
+        return resolve_device(cfg_device)
+
+    def init_models(self) -> AbstractContextManager:
+        return nullcontext()
+
+    def frozen(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model
+
+    def trainable(self, name, model, optimizer, scheduler, *, grad_accum, max_grad_norm, scaler=None):
+        return LocalTrainable(name, model, optimizer, scheduler, grad_accum, max_grad_norm, scaler)
+
+    def forward_module(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model
+
+    def rows_of(self, rows: list[int], batch_size: int) -> tuple[list[int], bool]:
+        return rows, True
 
     def export(self, model, tokenizer, out_dir: Path, dtype: str | None = None) -> None:
-        from fastalign.models import save_pretrained
-
         save_pretrained(model, tokenizer, out_dir, dtype=dtype)
-        print(
-            f"saved the trained model to {out_dir} (loads with transformers .from_pretrained)",
-            file=sys.stderr,
-        )
+        say(f"saved the trained model to {out_dir} (loads with transformers .from_pretrained)")
 
     def mean_over_ranks(self, metrics: Mapping[str, float], weight: float) -> dict[str, float]:
         return dict(metrics)
@@ -130,16 +234,57 @@ class Local:
         pass
 
 
-class ZeRO(Local):
+# ---------------------------------------------------------------------------------------------
+# DeepSpeed ZeRO on every rank
+# ---------------------------------------------------------------------------------------------
+class ZeroTrainable:
+    def __init__(self, name, model, engine_, optimizer, scheduler):
+        self.name, self.model, self.engine = name, model, engine_
+        self.optimizer, self.scheduler = optimizer, scheduler
+
+    @property
+    def fwd(self) -> torch.nn.Module:
+        return self.engine
+
+    @property
+    def lr(self) -> float:
+        return float(self.scheduler.get_last_lr()[0])
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps itself
+
+    def micro_step(self) -> None:
+        self.engine.step()  # a real optimizer step only at the accumulation boundary
+
+    def step(self, guard: Callable[[torch.Tensor], None] | None = None) -> float:
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def save(self, folder: Path) -> None:
+        # collective; DeepSpeed writes <parent>/<tag>/ (model states + every rank's shards)
+        self.engine.save_checkpoint(str(folder.parent), tag=folder.name, save_latest=False)
+
+    def load(self, folder: Path) -> None:
+        if not folder.is_dir() or (folder / "model.safetensors").is_file():
+            raise FileNotFoundError(
+                f"{folder}: no DeepSpeed checkpoint here; it was written by a single-process run "
+                "(resume it without the launcher, or start over with train.resume=never)"
+            )
+        loaded, _ = self.engine.load_checkpoint(
+            str(folder.parent), tag=folder.name, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+        if loaded is None:
+            raise FileNotFoundError(f"{folder}: DeepSpeed found no checkpoint to load")
+
+
+class ZeroRuntime:
     """DeepSpeed ZeRO 0–3 on every rank (gloo on CPU, nccl on CUDA)."""
 
     distributed = True
 
     def __init__(self, cfg) -> None:
-        from fastalign.engine import build_ds_config, init_distributed, rank, world_size
-
-        init_distributed()
-        self.rank, self.world = rank(), world_size()
+        engine.init_distributed()
+        self.rank, self.world = engine.rank(), engine.world_size()
         self.is_main = self.rank == 0
         e, t = cfg.engine, cfg.train
         if t.mixed_precision == "fp16":
@@ -147,11 +292,11 @@ class ZeRO(Local):
                 "train.mixed_precision=fp16 is not supported with engine.backend=deepspeed; use bf16 or no"
             )
         self.stage = int(e.zero_stage)
-        self.ds = build_ds_config(
+        self.ds = engine.build_ds_config(
             e.ds_config,
             stage=self.stage,
             batch_size=t.batch_size,
-            grad_accum=t.grad_accum,
+            grad_accum=t.grad_accum if isinstance(t, TrainConfig) else 1,  # rollout: 1 step per minibatch
             max_grad_norm=t.max_grad_norm,
             bf16=t.mixed_precision == "bf16",
             offload_optimizer=e.offload_optimizer,
@@ -162,10 +307,8 @@ class ZeRO(Local):
             world=self.world,
             hidden_size=_hidden_size(cfg.model),
         )
-        from fastalign.engine import preflight
-
-        preflight(cfg, self.ds, self.world)  # model states vs memory, before any weight is loaded
-        self.engine = None
+        engine.preflight(cfg, self.ds, self.world)  # model states vs memory, before any weight is loaded
+        self._engines: dict[int, Any] = {}  # id(model) -> its trainable engine
 
     def device(self, cfg_device: str) -> torch.device:
         if cfg_device not in ("auto", "cpu") and not cfg_device.startswith("cuda"):
@@ -176,22 +319,22 @@ class ZeRO(Local):
             return torch.device("cuda", local)
         return torch.device("cpu")
 
-    def init_models(self):
-        from fastalign.engine import zero_init
+    def init_models(self) -> AbstractContextManager:
+        return engine.zero_init(self.stage, self.ds)
 
-        return zero_init(self.stage, self.ds)
-
-    def frozen(self, model: torch.nn.Module):
-        from fastalign.engine import build_frozen
-
+    def frozen(self, model: torch.nn.Module) -> torch.nn.Module:
         if self.stage != 3:
             return model  # every rank holds the full frozen model anyway
-        return build_frozen(model, self.ds)
+        return engine.build_frozen(model, self.ds)
 
-    def forward_module(self, model):
-        if self.engine is not None and model is self.engine.module:
-            return self.engine
-        return model
+    def trainable(self, name, model, optimizer, scheduler, *, grad_accum, max_grad_norm, scaler=None):
+        # offload_optimizer: cpu -> DeepSpeedCPUAdam over the same parameter groups and schedule
+        eng, optimizer, scheduler = engine.build_trainable(model, self.ds, optimizer, scheduler)
+        self._engines[id(model)] = eng
+        return ZeroTrainable(name, model, eng, optimizer, scheduler)
+
+    def forward_module(self, model: torch.nn.Module) -> torch.nn.Module:
+        return self._engines.get(id(model), model)
 
     def rows_of(self, rows: list[int], batch_size: int) -> tuple[list[int], bool]:
         """This rank's contiguous slice of a global micro-batch of `batch_size × world` rows.
@@ -209,98 +352,25 @@ class ZeRO(Local):
             mine = rows[start : start + base + (1 if self.rank < extra else 0)]
         return (mine, True) if mine else (rows[:1], False)
 
-    def prepare(self, model, optimizer, scheduler, *, grad_accum: int, max_grad_norm, scaler=None) -> None:
-        from fastalign.engine import build_trainable
-
-        # offload_optimizer: cpu -> DeepSpeedCPUAdam over the same parameter groups and schedule
-        self.engine, optimizer, scheduler = build_trainable(model, self.ds, optimizer, scheduler)
-        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
-
-    def backward(self, loss: torch.Tensor) -> None:
-        self.engine.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps itself
-
-    def micro_step(self) -> None:
-        self.engine.step()  # a real optimizer step only at the accumulation boundary
-
-    def step(self) -> float:
-        norm = self.engine.get_global_grad_norm()
-        return float(norm) if norm is not None else float("nan")
-
-    def save(self, out: Path, step: int, state: dict, keep_last: int) -> Path:
-        from fastalign.trainers.checkpoint import commit_checkpoint, prepare_checkpoint
-
-        tmp = prepare_checkpoint(out, step) if self.is_main else None
-        self.barrier()
-        tmp = tmp or Path(out) / "checkpoints" / f"step-{step:08d}.tmp"
-        self.engine.save_checkpoint(str(tmp), tag="zero", save_latest=False)  # collective
-        torch.save(_rng(), tmp / f"rng_rank{self.rank}.pt")
-        self.barrier()
-        final = Path(out) / "checkpoints" / f"step-{step:08d}"
-        if self.is_main:
-            final = commit_checkpoint(out, step, tmp, {**state, "world_size": self.world}, keep_last)
-        self.barrier()
-        return final
-
-    def load(self, path: Path) -> dict:
-        import json
-
-        from fastalign.trainers.checkpoint import _set_rng_state
-
-        path = Path(path)
-        if not (path / "zero").is_dir():
-            raise FileNotFoundError(
-                f"{path}: no DeepSpeed checkpoint (zero/) in it; it was written by a single-process run "
-                "(resume it without the launcher, or start over with train.resume=never)"
-            )
-        state = json.loads((path / "trainer_state.json").read_text())
-        if state.get("world_size") != self.world:
-            raise ValueError(
-                f"{path}: written by {state.get('world_size')} ranks, now {self.world}; exact resume needs "
-                "the same number of ranks (the data slices differ)"
-            )
-        loaded, _ = self.engine.load_checkpoint(
-            str(path), tag="zero", load_optimizer_states=True, load_lr_scheduler_states=True
-        )
-        if loaded is None:
-            raise FileNotFoundError(f"{path}/zero: DeepSpeed found no checkpoint to load")
-        rng = path / f"rng_rank{self.rank}.pt"
-        if rng.is_file():
-            _set_rng_state(torch.load(rng, weights_only=True))
-        return state
-
     def export(self, model, tokenizer, out_dir: Path, dtype: str | None = None) -> None:
-        from fastalign.engine import export_hf
-
         if hasattr(model, "peft_config"):
             raise ValueError("engine.backend=deepspeed: exporting a LoRA model is not supported yet")
-        export_hf(self.forward_module(model), tokenizer, out_dir, dtype=dtype)  # collective; rank 0 writes
-        log(f"saved the trained model to {out_dir} (loads with transformers .from_pretrained)")
+        engine.export_hf(self.forward_module(model), tokenizer, out_dir, dtype=dtype)  # collective
+        say(f"saved the trained model to {out_dir} (loads with transformers .from_pretrained)")
 
     def mean_over_ranks(self, metrics: Mapping[str, float], weight: float) -> dict[str, float]:
         """Weighted mean over ranks (weight: this rank's examples; 0 for a padding slice)."""
-        import torch.distributed as dist
-
         keys = sorted(metrics)
         t = torch.tensor([float(metrics[k]) * weight for k in keys] + [float(weight)], dtype=torch.float64)
         dist.all_reduce(t)
         return {k: (t[i] / t[-1]).item() for i, k in enumerate(keys)}
 
     def barrier(self) -> None:
-        from fastalign.engine import barrier
-
-        barrier()
-
-
-def _rng() -> dict:
-    from fastalign.trainers.checkpoint import _rng_state
-
-    return _rng_state()
+        engine.barrier()
 
 
 def _hidden_size(mcfg) -> int | None:
     """hidden_size of the model's config.json (fills the "auto" ZeRO-3 bucket sizes); None if unknown."""
-    import json
-
     f = Path(mcfg.path) / "config.json"
     try:
         return int(json.loads(f.read_text()).get("hidden_size") or 0) or None

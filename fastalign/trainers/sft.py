@@ -6,35 +6,28 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastalign.trainers import common
+from fastalign.config import SFTRecipe
+from fastalign.constants import IGNORE_INDEX
+from fastalign.data import SFTCollator
+from fastalign.engine.forward import token_logps
+from fastalign.trainers.datasets import AllTokens, load_datasets
 from fastalign.trainers.loop import Task
+from fastalign.trainers.setup import setup
 
 
-def build(cfg) -> Task:
-    """An SFT Task from a `fastalign.config.SFTRecipe`."""
-    from fastalign.data import SFTCollator
-
-    rt, _, tok, model = common.setup(cfg)
-    train, evals, _ = common.load_datasets("sft", cfg.data, tok, cfg.train.seed, "sft")
+def build(cfg: SFTRecipe) -> Task:
+    rt, _, tok, model = setup(cfg)
+    train, evals, _ = load_datasets("sft", cfg.data, tok, cfg.train.seed, "sft")
     if not cfg.sft.completion_only:
-        train, evals = common.AllTokens(train), (common.AllTokens(evals) if evals else None)
+        train, evals = AllTokens(train), (AllTokens(evals) if evals else None)
     collate = SFTCollator(tok.pad_token_id, packing=cfg.data.packing)
     fused = cfg.train.fused
 
     def loss_step(batch: dict[str, Any]):
-        logp, labels = common.token_logps(rt.forward_module(model), batch, fused)  # (R, T-1)
-        mask = labels != common.IGNORE
+        logp, labels = token_logps(rt.forward_module(model), batch, fused=fused)  # (R, T-1)
+        mask = labels != IGNORE_INDEX
         n = mask.sum().clamp(min=1)
         nll = -(logp * mask).sum() / n
         return nll, {"nll": nll.detach(), "tokens": mask.sum().float()}
 
-    return Task(
-        name="sft",
-        model=model,
-        train_data=train,
-        eval_data=evals,
-        collate=collate,
-        loss_step=loss_step,
-        export=common.export_fn(model, tok, rt),
-        runtime=rt,
-    )
+    return Task("sft", model, tok, rt, train, evals, collate, loss_step)

@@ -15,8 +15,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from repo_assets import ASSETS
 
+from fastalign.files import apply_umask, process_umask
 from fastalign.models import ValueHeadModel, load_causal_lm, load_tokenizer, save_pretrained
-from fastalign.models.export import apply_umask, atomic_folder, process_umask
+from fastalign.models.export import atomic_folder
 
 MODEL = ASSETS / "models" / "stories260k"
 

@@ -97,7 +97,7 @@ def test_fused_logprobs_against_float64_full_logits(lm):
 
 def test_make_experience_scores_and_kl(lm):
     from fastalign.config import GenerationConfig
-    from fastalign.rollout.config import RewardConfig
+    from fastalign.config import RewardConfig
     from fastalign.rollout.experience import make_experience, select, sequence_kl, token_logps
     from fastalign.rollout.rewards import RewardScorer
     from fastalign.rollout.verifiers import contains_word

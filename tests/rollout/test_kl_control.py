@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from fastalign.rollout.config import KLConfig
+from fastalign.config import KLConfig
 from fastalign.rollout.kl_control import (
     AdaptiveKLController,
     FixedKLController,

@@ -12,7 +12,7 @@ import pytest
 import torch
 from repo_assets import ASSETS
 
-from fastalign.rollout.config import RewardConfig
+from fastalign.config import RewardConfig
 from fastalign.rollout.rewards import RewardScorer, encode_pair, load_reward_function, truncate
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from fastalign.rollout.config import WatchConfig
+from fastalign.config import WatchConfig
 from fastalign.rollout.watch import RewardHackingWatch
 
 CFG = WatchConfig(length_drift=0.5, length_window=3, kl_threshold=20.0, reward_kl_window=3, kl_blowup=4.0)

@@ -59,7 +59,7 @@ def _train(method: str, out: Path, *overrides: str):
 
     cfg = _cfg(method, out, *overrides)
     task = {"sft": sft.build, "rm": rm.build, "dpo": dpo.build, "kto": kto.build}[method](cfg)
-    result = loop.run(cfg.train, task)
+    result = loop.run(cfg, task)
     return task, result, _losses(out)
 
 

@@ -57,9 +57,9 @@ def _cfg(method: str, out: Path, prompts: Path, *overrides: str):
 
 
 def _run(method: str, cfg):
-    import importlib
+    from fastalign.recipes import REGISTRY
 
-    return importlib.import_module(f"fastalign.trainers.{method.replace('-', '_')}").run(cfg)
+    return REGISTRY[method].run(cfg)[0]
 
 
 def _curve(out: Path, key: str) -> list[float]:
@@ -130,7 +130,7 @@ def reward_model(prompts, tmp_path_factory) -> Path:
         f"train.output_dir={tmp / 'run'}", "train.batch_size=16", "train.max_steps=40", "train.lr=2e-3",
         "train.tensorboard=false", "train.progress=false", "train.resume=never", "train.threads=2",
     ])  # fmt: skip
-    loop.run(cfg.train, rm.build(cfg))
+    loop.run(cfg, rm.build(cfg))
     return tmp / "run" / "final"
 
 
@@ -177,7 +177,7 @@ def test_ppo_shared_value_head_trains_and_is_not_exported(prompts, tmp_path):
 
     algo = ppo.build(cfg)
     head0 = algo.trainables[0].model.value_head.weight.detach().clone()
-    result = rollout_loop.run(cfg.train, algo)
+    result = rollout_loop.run(cfg, algo)
     assert len(algo.trainables) == 1 and "value/loss" in result.final_metrics
     assert not torch.equal(head0, algo.trainables[0].model.value_head.weight)
     from safetensors import safe_open

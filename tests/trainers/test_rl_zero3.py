@@ -107,6 +107,6 @@ def test_two_rank_checkpoints_hold_both_trainables(runs):
     ckpt = runs["two"] / "checkpoints" / f"step-{ITERS:08d}"
     state = json.loads((ckpt / "trainer_state.json").read_text())
     assert state["step"] == ITERS and state["world_size"] == 2
-    assert (ckpt / "policy").is_dir() and (ckpt / "value").is_dir() and (ckpt / "rollout_state.pt").is_file()
+    assert (ckpt / "policy").is_dir() and (ckpt / "value").is_dir() and (ckpt / "extra_state.pt").is_file()
     assert sorted(p.name for p in ckpt.glob("rng_rank*.pt")) == ["rng_rank0.pt", "rng_rank1.pt"]
     assert "[rank 1/2] ZeRO-3 policy" in runs["log"]

@@ -125,7 +125,7 @@ def test_rank_zero_writes_logs_checkpoints_and_export(runs):
     ckpt = out / "checkpoints" / f"step-{STEPS:08d}"
     state = json.loads((ckpt / "trainer_state.json").read_text())
     assert state["step"] == STEPS and state["world_size"] == 2
-    assert (ckpt / "zero").is_dir() and sorted(p.name for p in ckpt.glob("rng_rank*.pt")) == [
+    assert (ckpt / "policy").is_dir() and sorted(p.name for p in ckpt.glob("rng_rank*.pt")) == [
         "rng_rank0.pt",
         "rng_rank1.pt",
     ]
@@ -143,12 +143,12 @@ def test_rank_zero_writes_logs_checkpoints_and_export(runs):
 
 
 def test_rank_slices_are_disjoint_and_cover_the_global_batch():
-    from fastalign.trainers.runtime import ZeRO
+    from fastalign.trainers.runtime import ZeroRuntime
 
     def slices(rows, b, world=2):
         out = []
         for r in range(world):
-            rt = ZeRO.__new__(ZeRO)
+            rt = ZeroRuntime.__new__(ZeroRuntime)
             rt.rank, rt.world = r, world
             out.append(rt.rows_of(rows, b))
         return out
