@@ -2,8 +2,9 @@
 
 - `kl_estimate(logps, ref_logps, kind)`: per-token KL(π ‖ π_ref) estimators k1 / k2 / k3 / abs.
 - `sequence_logps(token_logps, mask, average)`: (B, T) → (B,) summed or averaged log-probs.
-- `dpo_loss` (+ TRL's variants), `simpo_loss`, `orpo_loss`, `kto_loss`: preference losses,
-  per example, with detached rewards.
+- `dpo_loss` (TRL >= 1's loss types, plus TRL 0.x's changed ones as cdpo / ipo_sum /
+  bco_pair_shift; defined limits for −inf log-probs), `simpo_loss`, `orpo_loss`, `kto_loss`:
+  preference losses, per example, with detached rewards.
 - `bradley_terry_loss`: the pairwise reward-model loss (margin, reward centring).
 - `ppo_policy_loss`, `value_loss`: clipped PPO surrogate (asymmetric / dual clip) and clipped value
   loss with token- or sequence-level aggregation; `grpo_advantages`, `rloo_advantages`: group
