@@ -21,7 +21,7 @@ under no_grad (Liger only takes reference inputs, not precomputed reference log-
                     before anything is measured)
 
 The machinery (a fresh subprocess per case, peak memory via /proc clear_refs + VmHWM, timing in
-pairs with eager, the long-format CSV, the gate) is bench_ops.py's; see benchmarks/README.md.
+pairs with eager, the long-format CSV, the gate) is benchlib.py's; see benchmarks/README.md.
 Without liger-kernel the peer cases are skipped with a note. Only eager / fastalign figures go
 into the gate's baselines (benchmarks/baselines/<cpu>/losses_quick.csv): CI has no Liger.
 """
@@ -41,10 +41,10 @@ import traceback
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE))  # benchmarks/ is not a package
 
-import bench_ops  # noqa: E402  (benchmarks/ is not a package)
+import benchlib  # noqa: E402
+from benchlib import REPO  # noqa: E402
 
 OP = "dpo_fused_linear"
 MODE = "fwd+bwd"
@@ -52,7 +52,6 @@ DTYPE = "fp32"
 BACKENDS = ("eager", "fastalign", "liger", "liger_compiled")
 PEERS = ("liger", "liger_compiled")
 BETA = 0.1
-BASELINES = HERE / "baselines"  # per CPU model: baselines/<cpu slug>/losses_<quick|full>.csv
 # (B pairs, T, H, V). On CPU the Llama-3 vocabulary runs at T=128 to keep a full run ~10 min.
 SHAPES = {"quick": [(4, 64, 576, 32768)], "full": [(4, 512, 576, 49152), (4, 128, 576, 128256)]}
 TIMING = {
@@ -180,12 +179,12 @@ def _run_one(case: dict) -> dict:
     x["hidden"].grad = x["weight"].grad = None
     gc.collect()
     # 3. peak extra memory of one call; 4. timings, in pairs with eager.
-    res["peak_mem_mb"], first_s, res["mem_method"] = bench_ops.measure_peak_cpu(step)
+    res["peak_mem_mb"], first_s, res["mem_method"] = benchlib.measure_peak_cpu(step)
     res["first_call_ms"] = first_s * 1e3
     steps = {backend: step}
     if paired:
         steps["eager"] = _make_step("eager", x)
-    res.update(bench_ops.time_steps(steps, backend, first_s, case, "cpu"))
+    res.update(benchlib.time_steps(steps, backend, first_s, case, "cpu"))
     return res
 
 
@@ -199,20 +198,20 @@ def child_main(case: dict) -> int:
     torch.set_num_threads(case["threads"])
     try:
         if case.get("cpp_so"):
-            bench_ops._pin_cpp(case["cpp_so"])
+            benchlib.pin_cpp(case["cpp_so"])
         res = _run_one(case)
     except Exception as exc:
         traceback.print_exc()
         res = dict(op=OP, backend=case["backend"], mode=MODE, shape=shape_label(case["shape"]), dtype=DTYPE)
-        res["error"] = " ".join(f"{type(exc).__name__}: {exc}".split())[:600]
-    print(bench_ops.RESULT_TAG + json.dumps(res), flush=True)
+        res["error"] = benchlib.error_message(exc)
+    print(benchlib.RESULT_TAG + json.dumps(res), flush=True)
     return 0
 
 
 def check_agreement(cpp_so: str | None, backends: list[str]) -> list[str]:
     """Small case: the backends' losses and grads against eager's. Returns the printed lines."""
     if cpp_so:
-        bench_ops._pin_cpp(cpp_so)
+        benchlib.pin_cpp(cpp_so)
     lines = []
     ref = None
     for backend in ["eager"] + [b for b in backends if b != "eager"]:
@@ -235,25 +234,15 @@ def check_agreement(cpp_so: str | None, backends: list[str]) -> list[str]:
 # parent
 # ---------------------------------------------------------------------------------------------
 def run_case(case: dict, timeout_s: float, threads: int) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--case", json.dumps(case)]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env, cwd=REPO)
-        stdout, stderr, rc = proc.stdout, proc.stderr, proc.returncode
-    except subprocess.TimeoutExpired as exc:
-        stdout = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
-        stderr = exc.stderr.decode() if isinstance(exc.stderr, bytes) else (exc.stderr or "")
-        rc = f"timeout after {timeout_s:.0f} s"
-    for line in stdout.splitlines():
-        if line.startswith(bench_ops.RESULT_TAG):
-            r = json.loads(line[len(bench_ops.RESULT_TAG) :])
-            if "error" in r and stderr.strip():
-                r["stderr_tail"] = "\n".join(stderr.strip().splitlines()[-15:])
-            return r
-    r = dict(op=OP, backend=case["backend"], mode=MODE, shape=shape_label(case["shape"]), dtype=DTYPE)
-    tail = " | ".join(stderr.strip().splitlines()[-3:])
-    r["error"] = f"case subprocess died ({rc}): {tail}"[:600]
-    return r
+    """One case in a fresh subprocess."""
+    printed, stderr, how = benchlib.run_case_process(Path(__file__), case, timeout_s, threads)
+    if printed:
+        r = printed[0]
+        if "error" in r and stderr.strip():
+            r["stderr_tail"] = benchlib.stderr_tail(stderr)
+        return r
+    key = dict(op=OP, backend=case["backend"], mode=MODE, shape=shape_label(case["shape"]), dtype=DTYPE)
+    return benchlib.died(key, stderr, how)
 
 
 def derive(results: list[dict]) -> None:
@@ -271,7 +260,7 @@ def derive(results: list[dict]) -> None:
 
 
 def print_table(results: list[dict], skipped: dict, device_name: str, threads: int, loads) -> None:
-    fmt = bench_ops.fmt
+    fmt = benchlib.fmt
     print()
     print("=" * 100)
     print(f"RESULTS  ({device_name}, {threads} threads; 1-min load average before / after: {loads})")
@@ -343,49 +332,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--min-reps", type=int, default=None)
     ap.add_argument("--case-timeout", type=float, default=None)
     ap.add_argument("--out", type=Path, default=None, help="CSV path (default benchmarks/results/local/...)")
-    ap.add_argument(
-        "--gate",
-        nargs="?",
-        const=str(BASELINES),
-        default=None,
-        metavar="BASELINE",
-        help="after the run, gate it (gate.py) against BASELINE: a CSV, or a folder of per-CPU "
-        f"baselines (default {BASELINES.relative_to(REPO)}/<cpu slug>/losses_<quick|full>.csv)",
-    )
-    ap.add_argument("--time-tol", type=float, default=None, help="gate: speedup tolerance (default 0.3)")
-    ap.add_argument(
-        "--write-baseline",
-        nargs="?",
-        const="",
-        default=None,
-        metavar="PATH",
-        help="write this run's eager / fastalign rows (no peer rows) to PATH "
-        f"(default {BASELINES.relative_to(REPO)}/<cpu slug>/losses_<quick|full>.csv)",
-    )
-    ap.add_argument(
-        "--inject-slowdown",
-        type=int,
-        default=1,
-        metavar="K",
-        help="run the fastalign loss K times per timed call (eager once): a deliberate K-fold "
-        "slowdown, to check that the gate fails on it",
-    )
+    benchlib.add_baseline_args(ap, "losses", "the fastalign loss")
     ap.add_argument("--case", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.case is not None:
         return child_main(json.loads(args.case))
 
-    if args.inject_slowdown < 1:
-        print("error: --inject-slowdown takes an integer >= 1", file=sys.stderr)
-        return 2
-    if args.inject_slowdown != 1 and args.write_baseline is not None:
-        print("error: --write-baseline with --inject-slowdown would record the slowdown", file=sys.stderr)
+    bad = benchlib.check_baseline_args(args)
+    if bad:
+        print(f"error: {bad}", file=sys.stderr)
         return 2
     t_start = time.perf_counter()
     import torch
 
     kind = "quick" if args.quick else "full"
-    threads = args.threads or bench_ops.cpu_count()
+    threads = args.threads or benchlib.cpu_count()
     torch.set_num_threads(threads)
     backends = ["eager"] + [b.strip() for b in args.backends.split(",") if b.strip() and b.strip() != "eager"]
     bad = [b for b in backends if b not in BACKENDS]
@@ -406,8 +367,8 @@ def main(argv: list[str] | None = None) -> int:
     ):
         if val is not None:
             timing[key] = val
-    device_name = bench_ops.cpu_model()
-    commit = bench_ops.git_commit()
+    device_name = benchlib.cpu_model()
+    commit = benchlib.git_commit()
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = args.out or REPO / "benchmarks" / "results" / "local" / f"cpu-losses-{kind}-{stamp}.csv"
     skipped: dict[str, str] = {}
@@ -438,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"INJECTED SLOWDOWN: the fastalign loss runs {k} times per call (eager once)")
 
     print("cpp backend (used by fastalign's auto dispatch): building / loading ...", flush=True)
-    ok, msg, cpp_so = bench_ops.build_cpp()
+    ok, msg, cpp_so = benchlib.build_cpp()
     print(f"cpp backend: {msg if ok else 'UNAVAILABLE (fastalign falls back to its torch backend): ' + msg}")
 
     print("agreement check (B=2 T=32 H=64 V=1024, loss and grads vs eager):", flush=True)
@@ -458,13 +419,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(chk.stdout.rstrip() or f"  check failed: {chk.stderr.strip()[-500:]}", flush=True)
 
-    loads = [os.getloadavg()[0]]
+    loads = [benchlib.load_average()]
     results: list[dict] = []
 
     def save() -> None:
         derive(results)
         rows = [("machine", "-", "-", "-", "-", "loadavg_1min_max", max(loads))]
-        bench_ops.write_csv(out, results, rows, device_name, commit)
+        benchlib.write_csv(out, results, rows, device_name, commit)
 
     print(
         f"running {len(backends) * len(shapes)} cases (one subprocess each); results go to {out}", flush=True
@@ -493,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
             results.append(r)
             save()
-    loads.append(os.getloadavg()[0])
+    loads.append(benchlib.load_average())
     save()
     print_table(results, skipped, device_name, threads, " / ".join(f"{x:.2f}" for x in loads))
     print_targets(results)
@@ -504,28 +465,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"WARNING: {len(failed)} of {len(results)} cases failed (see FAILED above).")
     print(f"wrote {out}  ({len(results)} cases, total wall time {time.perf_counter() - t_start:.0f} s)")
 
-    rc = 0
-    import gate
-
-    suite = f"losses_{kind}"
-    if args.write_baseline is not None:
-        dest = Path(args.write_baseline or BASELINES / gate.cpu_slug(device_name) / f"{suite}.csv")
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        with open(out) as src, open(dest, "w") as dst:
-            for i, line in enumerate(src):
-                if i == 0 or line.split(",")[1] not in PEERS:
-                    dst.write(line)
-        print(
-            f"baseline written (peer rows left out): {dest}"
-            + (f"  (WARNING: {len(failed)} cases failed)" if failed else "")
-        )
-    if args.gate:
-        gate_args = ["--baseline", args.gate, "--suite", suite, "--current", str(out)]
-        if args.time_tol is not None:
-            gate_args += ["--time-tol", str(args.time_tol)]
-        print()
-        rc = gate.main(gate_args)
-    return rc
+    # Only eager / fastalign rows go into a baseline: CI has no Liger.
+    keep = lambda row: row[1] not in PEERS
+    return benchlib.baseline_and_gate(args, out, device_name, f"losses_{kind}", len(failed), keep_row=keep)
 
 
 if __name__ == "__main__":

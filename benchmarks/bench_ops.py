@@ -18,31 +18,48 @@ own; see benchmarks/README.md for the method, the metrics and the CSV format.
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime as _dt
 import gc
 import json
 import math
-import os
-import platform
-import resource
-import shutil
-import subprocess
 import sys
 import time
 import traceback
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-RESULT_TAG = "@@BENCH_RESULT "
-CSV_COLUMNS = ("op", "backend", "mode", "shape", "dtype", "metric", "value", "device", "commit")
+sys.path.insert(0, str(HERE))  # benchmarks/ is not a package
+
+from benchlib import (  # noqa: E402
+    DTYPES,
+    REPO,
+    RESULT_TAG,
+    add_baseline_args,
+    baseline_and_gate,
+    build_cpp,
+    check_baseline_args,
+    cpu_count,
+    cpu_model,
+    died,
+    error_message,
+    fmt,
+    git_commit,
+    load_average,
+    measure_matmul,
+    measure_membw,
+    measure_peak_cpu,
+    pin_cpp,
+    run_case_process,
+    stderr_tail,
+    sync,
+    time_steps,
+    write_csv,
+)
+
 OPS = ("token_logprobs", "linear_logprobs")
 MODES = ("fwd", "fwd+bwd")
-DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 ELT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 FUSED_BACKENDS = {"cpu": ("cpp", "torch"), "cuda": ("triton", "torch")}
-BASELINES = HERE / "baselines"  # per CPU model: baselines/<cpu slug>/<suite>.csv (see gate.py)
 
 # (N, V) for token_logprobs, (N, H, V) for linear_logprobs.
 SHAPES = {
@@ -95,135 +112,6 @@ def parse_shapes(text: str, dims: int) -> list[tuple[int, ...]]:
 # ---------------------------------------------------------------------------------------------
 # process / machine helpers
 # ---------------------------------------------------------------------------------------------
-def _proc_status_mb() -> dict[str, float]:
-    """VmRSS / VmHWM of this process in MiB, from /proc/self/status (Linux)."""
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(("VmRSS:", "VmHWM:")):
-                out[line.split(":")[0]] = int(line.split()[1]) / 1024.0
-    return out
-
-
-def _reset_hwm() -> bool:
-    """Reset this process's peak RSS to its current RSS (Linux >= 4.0: clear_refs '5')."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _maxrss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
-
-
-def cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def git_commit() -> str:
-    """Short HEAD commit: $BENCH_COMMIT, else read from .git, else `git rev-parse`, else 'unknown'."""
-    if os.environ.get("BENCH_COMMIT"):
-        return os.environ["BENCH_COMMIT"]
-    try:
-        gitdir = REPO / ".git"
-        if gitdir.is_file():  # worktree / submodule: "gitdir: <path>"
-            gitdir = (REPO / gitdir.read_text().split(":", 1)[1].strip()).resolve()
-        common = gitdir
-        if (gitdir / "commondir").is_file():
-            common = (gitdir / (gitdir / "commondir").read_text().strip()).resolve()
-        head = (gitdir / "HEAD").read_text().strip()
-        if not head.startswith("ref:"):
-            return head[:7]
-        ref = head[4:].strip()
-        for base in (gitdir, common):
-            if (base / ref).is_file():
-                return (base / ref).read_text().strip()[:7]
-        packed = common / "packed-refs"
-        if packed.is_file():
-            for line in packed.read_text().splitlines():
-                if line.endswith(" " + ref):
-                    return line.split()[0][:7]
-    except (OSError, IndexError):
-        pass
-    try:
-        res = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10
-        )
-        if res.returncode == 0 and res.stdout.strip():
-            return res.stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return "unknown"
-
-
-def _sync(device: str) -> None:
-    if device == "cuda":
-        import torch
-
-        torch.cuda.synchronize()
-
-
-def measure_membw(device: str, nbytes: int, reps: int) -> float:
-    """Best copy bandwidth in GB/s (bytes read + bytes written, as in STREAM 'copy')."""
-    import torch
-
-    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).normal_()
-    dst = torch.empty_like(src)
-    best = 0.0
-    for _ in range(reps + 1):  # the first copy faults `dst` in: not counted
-        _sync(device)
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        _sync(device)
-        dt = time.perf_counter() - t0
-        best = max(best, 2 * src.numel() * 4 / dt / 1e9)
-    return best
-
-
-def measure_matmul(device: str, n: int, h: int, v: int, dtype: str, reps: int) -> float:
-    """Best GFLOP/s of torch.mm over the three products of a linear layer's forward and backward
-    (hidden @ weight.T, dlogits @ weight, dlogits.T @ hidden), into preallocated outputs."""
-    import torch
-
-    tdtype = getattr(torch, DTYPES[dtype])
-    a = torch.empty(n, h, dtype=tdtype, device=device).normal_()
-    w = torch.empty(v, h, dtype=tdtype, device=device).normal_()
-    dz = torch.empty(n, v, dtype=tdtype, device=device).normal_()
-    products = (
-        (a, w.T, torch.empty(n, v, dtype=tdtype, device=device)),
-        (dz, w, torch.empty(n, h, dtype=tdtype, device=device)),
-        (dz.T, a, torch.empty(v, h, dtype=tdtype, device=device)),
-    )
-    best = 0.0
-    for x, y, out in products:
-        for i in range(reps + 1):  # the first product of each layout is a warmup
-            _sync(device)
-            t0 = time.perf_counter()
-            torch.mm(x, y, out=out)
-            _sync(device)
-            dt = time.perf_counter() - t0
-            if i > 0:
-                best = max(best, 2 * n * h * v / dt / 1e9)
-    return best
-
-
 # ---------------------------------------------------------------------------------------------
 # child: run cases, print one RESULT line per case
 # ---------------------------------------------------------------------------------------------
@@ -320,7 +208,7 @@ def _run_one(case: dict) -> dict:
         for p in params:
             p.grad = None
     gc.collect()
-    _sync(device)
+    sync(device)
 
     # 3. peak extra memory of one call.
     if device == "cuda":
@@ -347,63 +235,6 @@ def _run_one(case: dict) -> dict:
     return res
 
 
-def measure_peak_cpu(step) -> tuple[float, float, str]:
-    """Peak extra RSS of one call of step() above the RSS before it (MiB), on CPU.
-    Returns (peak_mb, seconds the call took, description of the method)."""
-    if _reset_hwm():
-        before = _proc_status_mb()["VmRSS"]
-        t0 = time.perf_counter()
-        step()
-        first_s = time.perf_counter() - t0
-        peak = max(0.0, _proc_status_mb()["VmHWM"] - before)
-        return peak, first_s, "VmHWM after the call - VmRSS before it (peak reset via /proc/self/clear_refs)"
-    before = _proc_status_mb()["VmRSS"]
-    floor = _maxrss_mb()
-    t0 = time.perf_counter()
-    step()
-    first_s = time.perf_counter() - t0
-    method = "ru_maxrss after the call - RSS before it"
-    if floor > before + 1.0:
-        method += f" (UNRELIABLE: high-water mark was already {floor - before:.0f} MB above)"
-    return max(0.0, _maxrss_mb() - before), first_s, method
-
-
-def time_steps(steps: dict, backend: str, first_s: float, case: dict, device: str) -> dict:
-    """Time steps[backend], in pairs with steps["eager"] when that is there (same inputs, one
-    process, alternating which goes first). The number of reps (pairs) is
-    clamp(case["target_s"] / time of the first one, case["min_reps"], case["max_reps"]).
-    Returns time_ms_median / _p20 / _p80, reps and, when paired, speedup_vs_eager (median of the
-    per-pair ratios, so that a change of machine load during the run cancels out of it) and
-    eager_paired_ms_median."""
-    import numpy as np
-
-    target, lo, hi = case["target_s"], case["min_reps"], case["max_reps"]
-    paired = "eager" in steps and backend != "eager"
-    if first_s < 1.0:  # warm-up (the memory call served as one for slow cases)
-        for s in steps.values():
-            s()
-    times: dict[str, list[float]] = {b: [] for b in steps}
-    i = reps = 0
-    while i == 0 or i < reps:
-        for b in list(steps)[:: 1 if i % 2 == 0 else -1]:
-            _sync(device)
-            t0 = time.perf_counter()
-            steps[b]()
-            _sync(device)
-            times[b].append((time.perf_counter() - t0) * 1e3)
-        if i == 0:
-            rep_s = sum(t[0] for t in times.values()) / 1e3
-            reps = int(min(hi, max(lo, round(target / max(rep_s, 1e-6)))))
-        i += 1
-    p20, med, p80 = np.percentile(np.array(times[backend]), [20, 50, 80]).tolist()
-    res = dict(time_ms_median=med, time_ms_p20=p20, time_ms_p80=p80, reps=reps)
-    if paired:
-        ratios = np.array(times["eager"]) / np.array(times[backend])
-        res["speedup_vs_eager"] = float(np.median(ratios))
-        res["eager_paired_ms_median"] = float(np.median(times["eager"]))
-    return res
-
-
 def child_main(cases: list[dict]) -> int:
     import torch
 
@@ -411,13 +242,12 @@ def child_main(cases: list[dict]) -> int:
     for case in cases:
         try:
             if case.get("cpp_so"):
-                _pin_cpp(case["cpp_so"])
+                pin_cpp(case["cpp_so"])
             res = _run_one(case)
         except Exception as exc:
             traceback.print_exc()
-            msg = " ".join(f"{type(exc).__name__}: {exc}".split())
             res = {k: case[k] for k in ("op", "backend", "mode", "dtype")}
-            res.update(shape=shape_label(case["op"], tuple(case["shape"])), error=msg[:600])
+            res.update(shape=shape_label(case["op"], tuple(case["shape"])), error=error_message(exc))
         gc.collect()
         if case["device"] == "cuda":
             torch.cuda.empty_cache()
@@ -429,70 +259,20 @@ def child_main(cases: list[dict]) -> int:
 # parent: plan, machine figures, subprocesses, derived metrics, CSV, table
 # ---------------------------------------------------------------------------------------------
 def run_group(cases: list[dict], timeout_s: float, threads: int) -> list[dict]:
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--case", json.dumps(cases)]
-    results: dict[tuple, dict] = {}
-    stderr = ""
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env, cwd=REPO)
-        stdout, stderr, rc = proc.stdout, proc.stderr, proc.returncode
-    except subprocess.TimeoutExpired as exc:
-        stdout = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
-        stderr = exc.stderr.decode() if isinstance(exc.stderr, bytes) else (exc.stderr or "")
-        rc = f"timeout after {timeout_s:.0f} s"
-    for line in stdout.splitlines():
-        if line.startswith(RESULT_TAG):
-            r = json.loads(line[len(RESULT_TAG) :])
-            results[(r["op"], r["backend"], r["mode"], r["shape"], r["dtype"])] = r
+    """Run cases in one fresh subprocess; a case it printed no result for gets an error."""
+    printed, stderr, how = run_case_process(Path(__file__), cases, timeout_s, threads)
+    results = {(r["op"], r["backend"], r["mode"], r["shape"], r["dtype"]): r for r in printed}
     out = []
     for case in cases:
         key = (case["op"], case["backend"], case["mode"], shape_label(case["op"], tuple(case["shape"])))
         key += (case["dtype"],)
         r = results.get(key)
         if r is None:
-            tail = " | ".join(stderr.strip().splitlines()[-3:])
-            how = f"signal {-rc}" if isinstance(rc, int) and rc < 0 else f"exit status {rc}"
-            r = dict(zip(("op", "backend", "mode", "shape", "dtype"), key, strict=True))
-            r["error"] = f"case subprocess died ({how}): {tail}"[:600]
+            r = died(dict(zip(("op", "backend", "mode", "shape", "dtype"), key, strict=True)), stderr, how)
         if "error" in r and stderr.strip():
-            r["stderr_tail"] = "\n".join(stderr.strip().splitlines()[-15:])
+            r["stderr_tail"] = stderr_tail(stderr)
         out.append(r)
     return out
-
-
-def build_cpp() -> tuple[bool, str, str | None]:
-    """Build (or load from the cache) the C++ extension once, in the parent, so that no timed
-    subprocess pays for the JIT build. Returns (ok, message, path of the built module)."""
-    t0 = time.perf_counter()
-    try:
-        from fastalign.ops import _cpp
-
-        mod = _cpp.load()
-    except Exception as exc:
-        msg = " ".join(f"{type(exc).__name__}: {exc}".split())
-        return False, msg[:1500], None
-    path = getattr(mod, "__file__", None)
-    return True, f"built / loaded in {time.perf_counter() - t0:.1f} s ({path})", path
-
-
-def _pin_cpp(path: str) -> None:
-    """Child: use exactly the extension the parent built, even if csrc/ changed since (the cases
-    of one run must measure one build, and never pay for a JIT build)."""
-    import importlib.machinery
-    import importlib.util
-
-    from fastalign.ops import _cpp
-
-    name = Path(path).name.split(".")[0]
-    loader = importlib.machinery.ExtensionFileLoader(name, path)
-    spec = importlib.util.spec_from_file_location(name, path, loader=loader)
-    mod = importlib.util.module_from_spec(spec)
-    loader.exec_module(mod)
-    _cpp.load = lambda: mod
-
-
-def fmt(x: float | None, spec: str = ".1f") -> str:
-    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
 
 def print_table(results: list[dict], machine: dict, device_name: str, threads: int) -> None:
@@ -635,38 +415,6 @@ def derive(results: list[dict], machine: dict) -> None:
                 r["mem_ratio_vs_eager"] = r["peak_mem_mb"] / base["peak_mem_mb"]
 
 
-def write_csv(
-    path: Path, results: list[dict], machine_rows: list[tuple], device_name: str, commit: str
-) -> None:
-    metrics = (
-        "time_ms_median",
-        "time_ms_p20",
-        "time_ms_p80",
-        "reps",
-        "peak_mem_mb",
-        "speedup_vs_eager",
-        "eager_paired_ms_median",
-        "mem_ratio_vs_eager",
-        "gbps",
-        "gflops",
-        "frac_of_limit",
-    )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(CSV_COLUMNS)
-        for op, backend, mode, shape, dtype, metric, value in machine_rows:
-            w.writerow((op, backend, mode, shape, dtype, metric, f"{value:.6g}", device_name, commit))
-        for r in results:
-            key = (r["op"], r["backend"], r["mode"], r["shape"], r["dtype"])
-            if "error" in r:
-                w.writerow((*key, "error", r["error"], device_name, commit))
-                continue
-            for m in metrics:
-                if m in r:
-                    w.writerow((*key, m, f"{r[m]:.6g}", device_name, commit))
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small shapes, few reps, fp32 on CPU (CI gate run)")
@@ -709,44 +457,16 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="CSV path (default benchmarks/results/local/<device>-<mode>-<time>.csv)",
     )
-    ap.add_argument(
-        "--gate",
-        nargs="?",
-        const=str(BASELINES),
-        default=None,
-        metavar="BASELINE",
-        help="after the run, gate it (gate.py) against BASELINE: a CSV, or a folder of per-CPU "
-        f"baselines (default {BASELINES.relative_to(REPO)}/<cpu slug>/ops_<quick|full>.csv)",
-    )
-    ap.add_argument("--time-tol", type=float, default=None, help="gate: speedup tolerance (default 0.3)")
-    ap.add_argument(
-        "--write-baseline",
-        nargs="?",
-        const="",
-        default=None,
-        metavar="PATH",
-        help="copy this run's CSV to PATH "
-        f"(default {BASELINES.relative_to(REPO)}/<cpu slug>/ops_<quick|full>.csv)",
-    )
-    ap.add_argument(
-        "--inject-slowdown",
-        type=int,
-        default=1,
-        metavar="K",
-        help="run every fused call K times per timed call (eager once): a deliberate K-fold slowdown, "
-        "to check that the gate fails on it",
-    )
+    add_baseline_args(ap, "ops", "every fused call")
     ap.add_argument("--case", default=None, help=argparse.SUPPRESS)  # internal: JSON list of cases
     args = ap.parse_args(argv)
 
     if args.case is not None:
         return child_main(json.loads(args.case))
 
-    if args.inject_slowdown < 1:
-        print("error: --inject-slowdown takes an integer >= 1", file=sys.stderr)
-        return 2
-    if args.inject_slowdown != 1 and args.write_baseline is not None:
-        print("error: --write-baseline with --inject-slowdown would record the slowdown", file=sys.stderr)
+    bad = check_baseline_args(args)
+    if bad:
+        print(f"error: {bad}", file=sys.stderr)
         return 2
     t_start = time.perf_counter()
     import torch
@@ -833,7 +553,7 @@ def main(argv: list[str] | None = None) -> int:
                 mm_shapes.append((n, h, v, vm, dtype))
 
     def measure_limits(when: str) -> None:
-        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+        load = load_average()
         machine["loadavg"].append(load)
         print(f"measuring machine limits ({when}; 1-min load average {load:.2f} on {cpu_count()} cores) ...")
         bw = measure_membw(device, bw_bytes, reps=5 if device == "cpu" else 20)
@@ -939,26 +659,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"WARNING: {len(failed)} of {len(results)} cases did not run (see SKIPPED above).")
     print(f"wrote {out}  ({len(results)} cases, total wall time {time.perf_counter() - t_start:.0f} s)")
 
-    rc = 0
-    sys.path.insert(0, str(HERE))
-    import gate
-
-    suite = f"ops_{kind}"
-    if args.write_baseline is not None:
-        dest = Path(args.write_baseline or BASELINES / gate.cpu_slug(device_name) / f"{suite}.csv")
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(out, dest)
-        print(
-            f"baseline written: {dest}"
-            + (f"  (WARNING: {len(failed)} cases missing from it)" if failed else "")
-        )
-    if args.gate:
-        gate_args = ["--baseline", args.gate, "--suite", suite, "--current", str(out)]
-        if args.time_tol is not None:
-            gate_args += ["--time-tol", str(args.time_tol)]
-        print()
-        rc = gate.main(gate_args)
-    return rc
+    return baseline_and_gate(args, out, device_name, f"ops_{kind}", len(failed))
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ fi
 {
     echo "date: $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
     echo "host: $(hostname)  repo: $REPO  PYTHONPATH: ${PYTHONPATH:-}"
-    echo "commit: $("$PY" -c 'import sys; sys.path.insert(0, "benchmarks"); import bench_ops; print(bench_ops.git_commit())' 2>/dev/null || echo unknown)"
+    echo "commit: $("$PY" -c 'import sys; sys.path.insert(0, "benchmarks"); import benchlib; print(benchlib.git_commit())' 2>/dev/null || echo unknown)"
     echo
     echo "== nvidia-smi (before)"
     nvidia-smi || echo "nvidia-smi failed: $?"

@@ -155,3 +155,64 @@ def test_repository_baselines_exist_for_both_suites():
         run = gate.load(path)
         assert len(run.devices) == 1 and gate.cpu_slug(run.device) == path.parent.name
         assert not run.errors, f"{path}: a baseline with failed cases leaves them ungated"
+
+
+# --- benchmarks/benchlib.py: the machinery the scripts share -----------------------------------
+import argparse  # noqa: E402
+import textwrap  # noqa: E402
+
+import benchlib  # noqa: E402
+
+
+def test_csv_round_trip_through_the_gate_loader(tmp_path):
+    results = [
+        dict(
+            op="o", backend="cpp", mode="fwd", shape="N=1", dtype="fp32", time_ms_median=2.0, peak_mem_mb=3.5
+        ),
+        dict(op="o", backend="torch", mode="fwd", shape="N=1", dtype="fp32", error="boom, with a comma"),
+    ]
+    path = tmp_path / "run.csv"
+    benchlib.write_csv(
+        path, results, [("machine", "-", "-", "-", "-", "loadavg_1min_max", 1.5)], "CPU X", "abc"
+    )
+    run = gate.load(path)
+    assert run.figures[("o", "cpp", "fwd", "N=1", "fp32", "time_ms_median")] == 2.0
+    assert run.errors == {("o", "torch", "fwd", "N=1", "fp32"): "boom, with a comma"}
+    assert run.devices == {"CPU X"} and run.commits == {"abc"}
+
+
+def test_case_process_returns_what_a_dying_child_printed(tmp_path):
+    script = tmp_path / "child.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import json, sys, time
+            payload = json.loads(sys.argv[2])
+            print({benchlib.RESULT_TAG!r} + json.dumps({{"n": payload["n"]}}), flush=True)
+            if payload["how"] == "exit":
+                print("bad things", file=sys.stderr)
+                sys.exit(3)
+            time.sleep(30)
+            """
+        )
+    )
+    printed, stderr, how = benchlib.run_case_process(script, {"n": 7, "how": "exit"}, 60, 1)
+    assert printed == [{"n": 7}] and how == "exit status 3" and "bad things" in stderr
+    printed, _, how = benchlib.run_case_process(script, {"n": 8, "how": "hang"}, 2, 1)
+    assert printed == [{"n": 8}] and how == "timeout after 2 s"
+    err = benchlib.died({"op": "x"}, "a\nb\nlast line", how)
+    assert err["op"] == "x" and "timeout after 2 s" in err["error"] and "last line" in err["error"]
+
+
+def test_write_baseline_keeps_the_selected_rows_and_checks_arguments(tmp_path, capsys):
+    out = write(tmp_path / "run.csv", INTEL, figures(7.9, 1.0, 120.0))
+    args = argparse.Namespace(write_baseline=str(tmp_path / "b" / "x.csv"), gate=None, inject_slowdown=1)
+    keep = lambda row: row[1] != "eager"
+    assert benchlib.baseline_and_gate(args, out, INTEL, "ops_quick", 0, keep_row=keep) == 0
+    rows = (tmp_path / "b" / "x.csv").read_text().splitlines()
+    assert rows[0].startswith("op,backend") and rows[1:] and not any(",eager," in r for r in rows)
+    bad = argparse.Namespace(write_baseline="", inject_slowdown=2)
+    assert "would record the slowdown" in benchlib.check_baseline_args(bad)
+    assert "integer >= 1" in benchlib.check_baseline_args(
+        argparse.Namespace(write_baseline=None, inject_slowdown=0)
+    )
