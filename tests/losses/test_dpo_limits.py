@@ -223,3 +223,34 @@ def test_simpo_limits():
     assert smoothed[:2].tolist() == [INF, INF] and not torch.isnan(smoothed).any()
     with pytest.raises(ValueError, match=r"∞ − ∞ at pair\(s\) \[0\]"):
         simpo_loss(torch.tensor([-INF]), torch.tensor([-INF]))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("loss_type", TYPES)
+def test_limits_on_cuda_equal_cpu(loss_type):
+    """CUDA's logsigmoid / sigmoid / where kernels must give the same limits and slopes (no NaN)."""
+    results = []
+    ls = 0.0 if loss_type == "sigmoid" else 0.1  # sigmoid with ε > 0 is cdpo, covered as cdpo
+    for device in ("cpu", "cuda"):
+        for key, value in [s[1:] for s in SCENARIOS]:
+            x = {
+                k: v.detach().to(device).requires_grad_()
+                for k, v in _inputs({key: value}, torch.float32).items()
+            }
+            kw = {}
+            lt = loss_type
+            if loss_type == "ipo+lengths":
+                lt, kw = (
+                    "ipo",
+                    {"chosen_lengths": LENGTHS[0].to(device), "rejected_lengths": LENGTHS[1].to(device)},
+                )
+            losses = dpo_loss(
+                x["pc"], x["pr"], x["rc"], x["rr"], beta=BETA, loss_type=lt, label_smoothing=ls, **kw
+            )[0]
+            grads = torch.autograd.grad(losses.sum(), list(x.values()))
+            results.append([t.detach().cpu() for t in (losses, *grads)])
+    n = len(SCENARIOS)
+    for cpu, cuda in zip(results[:n], results[n:], strict=True):
+        for a, b in zip(cpu, cuda, strict=True):
+            assert not torch.isnan(b).any()
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, equal_nan=False)
