@@ -17,41 +17,85 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
+import warnings
 from collections.abc import Sequence
+from importlib import resources
 from pathlib import Path
 
 import yaml
 
+from fastalign.cai.config import CAI_RECIPES
 from fastalign.config import RECIPES, config_to_dict, load_config
+from fastalign.config.checks import ConfigWarning
+from fastalign.config.loader import describe_keys
 from fastalign.errors import USER_ERRORS
 
 # recipe commands (the registry in fastalign.recipes maps each to its build function and driver)
 RECIPE_COMMANDS = tuple(RECIPES)
 
 
-def _add_config_args(r: argparse.ArgumentParser) -> None:
-    r.add_argument("--config", "-c", help="YAML config (see configs/); omitted: defaults + overrides")
-    r.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.lr=1e-5")
+def _add_config_args(r: argparse.ArgumentParser, example: str) -> None:
+    r.add_argument(
+        "--config", "-c", help="YAML config: a file, or a shipped recipe's name (`fastalign configs`)"
+    )
+    r.add_argument("overrides", nargs="*", metavar="key=value", help=f"dotted overrides, e.g. {example}")
     r.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
 
-def _parser() -> argparse.ArgumentParser:
+def _keys_epilog(cls: type, extra: str = "") -> str:
+    """Every config key of a recipe with its type, default and meaning, from the dataclasses."""
+    rows = describe_keys(cls)
+    width = max(len(k) for k, *_ in rows) + 2
+    lines = ["config keys (in the YAML, or as key=value overrides; type = default: meaning):"]
+    section = None
+    for key, tp, default, doc in rows:
+        head = key.split(".")[0]
+        if head != section:
+            lines.append("")
+            section = head
+        lines.append(f"  {key:<{width}}{tp} = {default}" + (f": {doc}" if doc else ""))
+    return "\n".join(lines) + extra
+
+
+def _dpo_loss_types() -> str:
+    from fastalign.losses.preference import DPO_LOSS_TYPES  # only for `dpo --help` (imports torch)
+
+    return "\n\ndpo.loss_type (method dpo), online_dpo.loss_type: " + ", ".join(DPO_LOSS_TYPES)
+
+
+def _parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """The parser; the config-key listing is built only for the recipe whose --help is asked."""
+    wants_help = bool({"-h", "--help"} & set(argv))
+    raw = argparse.RawDescriptionHelpFormatter
     p = argparse.ArgumentParser(prog="fastalign", description="Fast, memory-frugal preference alignment.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, recipe_cls in RECIPES.items():
         help_text = recipe_cls.help
-        r = sub.add_parser(name, help=help_text, description=f"fastalign {name}: {help_text}.")
-        _add_config_args(r)
+        epilog = None
+        if wants_help and argv[:1] == [name]:
+            epilog = _keys_epilog(recipe_cls, _dpo_loss_types() if name in ("dpo", "online-dpo") else "")
+        r = sub.add_parser(
+            name,
+            help=help_text,
+            description=f"fastalign {name}: {help_text}.",
+            epilog=epilog,
+            formatter_class=raw,
+        )
+        _add_config_args(r, "train.lr=1e-5 data.train=my.jsonl")
     cai = sub.add_parser("cai", help="Constitutional AI: critique -> revision data, AI preference labels")
     cai_sub = cai.add_subparsers(dest="cai_command", required=True, metavar="STEP")
     for name, help_text in (
         ("revise", "generate, critique and revise responses against a constitution (SFT rows + traces)"),
         ("label", "AI preference labels from a feedback model (soft chosen/rejected rows)"),
     ):
-        _add_config_args(
-            cai_sub.add_parser(name, help=help_text, description=f"fastalign cai {name}: {help_text}.")
-        )
+        epilog = _keys_epilog(CAI_RECIPES[name]) if wants_help and argv[1:2] == [name] else None
+        cmd = cai_sub.add_parser(
+            name, help=help_text, description=f"fastalign cai {name}: {help_text}.", epilog=epilog,
+            formatter_class=raw,
+        )  # fmt: skip
+        _add_config_args(cmd, "max_prompts=8 generation.max_new_tokens=64")
     la = sub.add_parser(
         "launch",
         help="check a multi-node setup (hostfile, nodes) and start the deepspeed launcher",
@@ -72,12 +116,85 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="output folder (default: RUN_DIR/plots; several: ./plots/RUN1_vs_RUN2)",
     )
+    cf = sub.add_parser(
+        "configs",
+        help="list the shipped recipe configs, or copy one to edit",
+        description="fastalign configs: list the shipped configs; fastalign configs cp NAME DEST: copy one.",
+    )
+    cf.add_argument("action", nargs="?", choices=["ls", "cp"], default="ls")
+    cf.add_argument("name", nargs="?", help="config name (cp)")
+    cf.add_argument("dest", nargs="?", help="file or folder to copy to (cp)")
     return p
+
+
+def shipped_configs() -> dict[str, Path]:
+    """{name: path} of the configs that ship with fastalign (the repository's configs/ folder,
+    installed as the package data fastalign.configs)."""
+    folder = Path(str(resources.files("fastalign.configs")))
+    return {p.stem: p for p in sorted(folder.iterdir()) if p.suffix in (".yaml", ".json")}
+
+
+def resolve_config(config: str | None) -> str | None:
+    """A --config value: an existing file, else a shipped config's name ("dpo", "dpo.yaml")."""
+    if config is None or Path(config).expanduser().exists():
+        return config
+    found = shipped_configs().get(Path(config).stem) if "/" not in config else None
+    return str(found) if found is not None else config
+
+
+def _configs(action: str, name: str | None, dest: str | None) -> None:
+    ships = shipped_configs()
+    if action == "ls":
+        width = max(len(n) for n in ships) + 2
+        for n, path in ships.items():
+            lines = path.read_text().splitlines()
+            if path.suffix == ".json":
+                method, about = "", "a DeepSpeed config for engine.ds_config"
+            else:
+                method = next((x.split(":", 1)[1].strip() for x in lines if x.startswith("method:")), "")
+                head = " ".join(x.lstrip("# ").strip() for x in lines[: next(
+                    (i for i, x in enumerate(lines) if not x.startswith("#")), len(lines))])  # fmt: skip
+                about = head if len(head) <= 90 else head[:90].rsplit(" ", 1)[0] + " ..."
+            print(f"{n:<{width}}{method:<12}{about}")
+        print("\nfastalign configs cp NAME DEST copies one; `--config NAME` uses one as shipped")
+        return
+    if name is None or dest is None:
+        raise ValueError("configs cp: expected NAME and DEST, e.g. `fastalign configs cp dpo my_dpo.yaml`")
+    src = ships.get(Path(name).stem)
+    if src is None:
+        raise ValueError(f"configs cp: no shipped config {name!r}; shipped: {', '.join(ships)}")
+    target = Path(dest)
+    if target.is_dir():
+        target = target / src.name
+    if target.exists():
+        raise ValueError(f"configs cp: {target} exists; give another DEST (nothing was overwritten)")
+    shutil.copyfile(src, target)
+    print(f"copied {src.name} to {target}; its paths are relative to the directory you run fastalign from")
+
+
+def _argparse_style_hint(argv: Sequence[str]) -> str | None:
+    """`--lr 1e-5` (argparse style) for a recipe: the dotted key=value the user meant."""
+    if not argv or argv[0] not in RECIPES:
+        return None
+    known = {"--config", "-c", "--print-config", "-h", "--help"}
+    keys = [k for k, *_ in describe_keys(RECIPES[argv[0]])]
+    for i, a in enumerate(argv[1:], 1):
+        if not a.startswith("--") or a.split("=")[0] in known:
+            continue
+        name, _, value = a[2:].partition("=")
+        name = name.replace("-", "_")
+        if not value and i + 1 < len(argv) and not argv[i + 1].startswith("-"):
+            value = argv[i + 1]
+        match = [k for k in keys if k == name or k.endswith("." + name)]
+        if match:
+            return f"{a} is not an option: write the config key as {match[0]}={value or '...'}"
+        return f"{a} is not an option; config keys are set as key=value (see fastalign {argv[0]} --help)"
+    return None
 
 
 def run_recipe(method: str, config: str | None, overrides: Sequence[str], print_only: bool = False):
     """Load, validate and run recipe `method` (a `fastalign.recipes.REGISTRY` name); the result."""
-    cfg = load_config(RECIPES[method], config, list(overrides))
+    cfg = load_config(RECIPES[method], resolve_config(config), list(overrides))
     if print_only:
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
         return None
@@ -113,13 +230,32 @@ def _strip_local_rank(argv: Sequence[str]) -> list[str]:
     return out
 
 
+def _plain_config_warnings(command: str) -> None:
+    """ConfigWarnings as one line ("fastalign dpo: warning: ..."), not Python's file:line + source."""
+    shown = getattr(warnings.showwarning, "fastalign_wrapped", warnings.showwarning)
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, ConfigWarning):
+            print(f"fastalign {command}: warning: {message}", file=file or sys.stderr)
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    show.fastalign_wrapped = shown  # main() again (tests, notebooks) replaces this hook, not stacks it
+    warnings.showwarning = show
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = _strip_local_rank(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["launch"] and not {"-h", "--help"} & set(argv[1:2]):
         # argparse's REMAINDER drops leading options ("--hostfile ..."): hand launch its argv as is
         args = argparse.Namespace(command="launch", launch_args=argv[1:])
     else:
-        args = _parser().parse_args(argv)
+        hint = _argparse_style_hint(argv)
+        if hint is not None:
+            print(f"fastalign {argv[0]}: error: {hint}", file=sys.stderr)
+            return 2
+        args = _parser(argv).parse_args(argv)
+    _plain_config_warnings(args.command)
     try:
         # each command imports its module only when it runs: `fastalign --help` loads none of them
         if args.command in RECIPE_COMMANDS:
@@ -127,7 +263,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "cai":
             from fastalign.cai.cli import run as cai_run  # on use (see above)
 
-            cai_run(args.cai_command, args.config, args.overrides, args.print_config)
+            cai_run(args.cai_command, resolve_config(args.config), args.overrides, args.print_config)
         elif args.command == "launch":
             from fastalign.engine.launch import main as launch_main  # on use (see above)
 
@@ -136,6 +272,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from fastalign.demo.run import main as demo_main  # on use (see above)
 
             demo_main(out=args.out, steps=args.steps, model=args.model, overrides=args.overrides)
+        elif args.command == "configs":
+            _configs(args.action, args.name, args.dest)
         elif args.command == "plot":
             from fastalign.plot import describe_written, plot  # on use (see above)
 

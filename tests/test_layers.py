@@ -19,9 +19,11 @@ LAYERS: list[tuple[str, ...]] = [
     (
         "fastalign",
         "fastalign.constants",
+        "fastalign.errors",
         "fastalign.files",
         "fastalign.lazy",
         "fastalign.kernels",
+        "fastalign.configs",
         "fastalign.csrc",
     ),
     ("fastalign.ops",),
@@ -51,6 +53,7 @@ def _modules() -> dict[str, Path]:
                 parts = parts[:-1]
             mods[".".join(parts)] = p
     mods["fastalign.csrc"] = ROOT / "csrc" / "__init__.py"
+    mods["fastalign.configs"] = ROOT / "configs" / "__init__.py"
     return mods
 
 

@@ -33,19 +33,33 @@ class ReviseConfig:
 
     method: ClassVar[str] = "cai_revise"
     model: ModelConfig = field(default_factory=ModelConfig)
-    prompts: str = ""  # JSONL/JSON/parquet/csv rows with a "prompt" string
-    constitution: str = "default"  # "default" (shipped) or a YAML/JSON file
-    few_shot: str | None = None  # JSONL of worked critique/revision examples (see docs/cai.md)
+    """the model that answers, critiques and revises"""
+    prompts: str = ""
+    """JSONL/JSON/parquet/csv rows with a 'prompt' string (red-team prompts)"""
+    constitution: str = "default"
+    """'default' (the shipped 12 principles) or a YAML/JSON file of principles"""
+    few_shot: str | None = None
+    """JSONL of worked critique/revision examples (see docs/cai.md)"""
     output_dir: str = "runs/cai_revise"
-    rounds: int = 1  # K critique -> revision rounds per prompt
-    row_format: Literal["auto", "text", "chat"] = "auto"  # auto: chat when the tokenizer has a template
+    """run folder: sft.jsonl (revised rows), trace.jsonl (every round)"""
+    rounds: int = 1
+    """critique -> revision rounds per prompt"""
+    row_format: Literal["auto", "text", "chat"] = "auto"
+    """SFT rows as 'chat' messages or 'text' ('auto': chat when the tokenizer has a template)"""
     generation: GenerationConfig = field(default_factory=lambda: _gen(128, 0.7))
+    """sampling of answers, critiques and revisions"""
     seed: int = 0
+    """seed of principle choices and sampling"""
     device: str = "cpu"
-    max_prompts: int | None = None  # use the first N prompts of the file
-    stop_after: int | None = None  # stop after N newly finished prompts (chunked runs; resume later)
-    resume: bool = True  # False: start over, deleting this run's earlier outputs
+    """'cpu', 'cuda', 'cuda:N' or 'auto'"""
+    max_prompts: int | None = None
+    """use the first N prompts of the file"""
+    stop_after: int | None = None
+    """stop after N newly finished prompts (chunked runs; resume later)"""
+    resume: bool = True
+    """continue an earlier run in output_dir (false: start over, deleting its outputs)"""
     progress: bool = True
+    """progress bar on a terminal, plain lines otherwise"""
 
     def validate(self) -> None:
         _validate_common(self)
@@ -57,24 +71,38 @@ class LabelConfig:
     """AI preference labels: `<output_dir>/pairs.jsonl` (rm / dpo rows) and `trace.jsonl`."""
 
     method: ClassVar[str] = "cai_label"
-    model: ModelConfig = field(default_factory=ModelConfig)  # the policy that samples responses
-    feedback_model: ModelConfig = field(default_factory=ModelConfig)  # empty path: same as model
-    prompts: str = ""  # prompts to sample for (needs model.path)
-    responses: str | None = (
-        None  # or given responses: rows {prompt, responses: [...]} / {prompt, chosen, rejected}
-    )
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """the policy that samples responses (not needed with given responses)"""
+    feedback_model: ModelConfig = field(default_factory=ModelConfig)
+    """the model that judges (empty path: the same as model)"""
+    prompts: str = ""
+    """prompts to sample responses for (needs model.path)"""
+    responses: str | None = None
+    """or given responses: rows {prompt, responses: [...]} / {prompt, chosen, rejected}"""
     constitution: str = "default"
+    """'default' (the shipped principles) or a YAML/JSON file"""
     output_dir: str = "runs/cai_label"
-    num_responses: int = 2  # sampled per prompt; every pair of them is labelled
+    """run folder: pairs.jsonl (rm / dpo rows with p_chosen), trace.jsonl"""
+    num_responses: int = 2
+    """responses sampled per prompt; every pair of them is labelled"""
     row_format: Literal["auto", "text", "chat"] = "auto"
+    """pair rows as 'chat' messages or 'text' ('auto': chat when the tokenizer has a template)"""
     generation: GenerationConfig = field(default_factory=lambda: _gen(128, 1.0))
-    feedback_batch_size: int = 8  # questions per feedback forward
+    """sampling of the responses"""
+    feedback_batch_size: int = 8
+    """questions per feedback-model forward"""
     seed: int = 0
+    """seed of principle choices and sampling"""
     device: str = "cpu"
+    """'cpu', 'cuda', 'cuda:N' or 'auto'"""
     max_prompts: int | None = None
+    """use the first N prompts"""
     stop_after: int | None = None
+    """stop after N newly finished prompts (chunked runs; resume later)"""
     resume: bool = True
+    """continue an earlier run in output_dir (false: start over)"""
     progress: bool = True
+    """progress bar on a terminal, plain lines otherwise"""
 
     def validate(self) -> None:
         _validate_common(self)

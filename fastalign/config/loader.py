@@ -348,3 +348,51 @@ def save_config(cfg: Any, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------------------------
+# self-description (`fastalign <recipe> --help`)
+# ---------------------------------------------------------------------------------------------
+def field_docs(cls: type) -> dict[str, str]:
+    """{field: its one-line meaning} from the string literal under each field in the class source
+    (and its bases'), so the help text lives beside the field and cannot drift from it."""
+    import ast
+    import inspect
+    import textwrap
+
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        body = tree.body[0].body
+        for node, nxt in zip(body, [*body[1:], None], strict=True):
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+                    docs[node.target.id] = " ".join(str(nxt.value.value).split())
+    return docs
+
+
+def _yaml_text(value: Any) -> str:
+    """A value as it would be written in the YAML config."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def describe_keys(cls: type, prefix: str = "", obj: Any = None) -> list[tuple[str, str, str, str]]:
+    """(dotted key, type, default, meaning) of every leaf key of a recipe / section, in order."""
+    obj = cls() if obj is None else obj
+    hints, docs = _hints(cls), field_docs(cls)
+    rows = []
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        key, tp = f"{prefix}{f.name}", hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            rows += describe_keys(tp, key + ".", getattr(obj, f.name))
+        else:
+            rows.append((key, _type_name(tp), _yaml_text(getattr(obj, f.name)), docs.get(f.name, "")))
+    return rows

@@ -16,6 +16,7 @@ class SFTConfig:
     """Supervised fine-tuning options."""
 
     completion_only: bool = True
+    """learn the completion tokens only (false: every token but the first)"""
 
 
 @dataclass
@@ -23,9 +24,11 @@ class RMConfig:
     """Bradley-Terry reward model options."""
 
     use_margin: bool = False
+    """subtract a per-pair margin column from the reward difference (Llama 2)"""
     center_coef: float = 0.0
-    # train on each row's p_chosen (AI feedback, `fastalign cai label`) as a soft Bradley-Terry target
+    """penalty on the mean squared reward, keeping rewards centred"""
     soft_labels: bool = False
+    """train on each row's p_chosen (AI feedback) as a soft Bradley-Terry target"""
 
     def validate(self) -> None:
         _require(self.center_coef >= 0, "center_coef", f"must be >= 0, got {self.center_coef}")
@@ -36,16 +39,27 @@ class DPOConfig:
     """The DPO family (DPO and its loss types, IPO, SimPO, ORPO)."""
 
     method: Literal["dpo", "ipo", "simpo", "orpo"] = "dpo"
+    """'dpo' (any loss_type), 'ipo' (IPO on per-token log-ratios, as TRL >= 1), 'simpo' or 'orpo'
+    (no reference); loss_type ipo under method dpo is the same loss (ipo_sum: the summed TRL 0.x form)"""
     loss_type: str = "sigmoid"
+    """the DPO loss variant (method dpo; TRL >= 1 definitions; cdpo, ipo_sum, bco_pair_shift are TRL
+    0.x's sigmoid with label smoothing, ipo on sums, bco_pair with its shift); --help lists them"""
     beta: float = 0.1
+    """strength of the preference (inverse temperature of the implicit reward)"""
     label_smoothing: float = 0.0
+    """assumed fraction of flipped labels (cdpo / robust; sigmoid with it is cdpo)"""
     average_log_prob: bool | None = None
+    """average log-probs over tokens (null: the method's default)"""
     simpo_gamma_beta_ratio: float = 0.5
+    """SimPO target margin gamma / beta"""
     orpo_lambda: float = 0.1
+    """weight of ORPO's odds-ratio term"""
     precompute_ref_logps: bool = False
+    """score the data with the reference once, cache it, free the reference"""
     reference: str | None = None
-    # each row's p_chosen (`fastalign cai label`) as per-pair label smoothing ε = 1 − p_chosen
+    """reference model (null: the policy's initial weights, model.path)"""
     soft_labels: bool = False
+    """each row's p_chosen (fastalign cai label) as per-pair label smoothing 1 - p_chosen"""
 
     def validate(self) -> None:
         from fastalign.losses.preference import DPO_LOSS_TYPES  # torch: only when validating a DPO recipe
@@ -69,9 +83,9 @@ class DPOConfig:
         _require(self.orpo_lambda >= 0, "orpo_lambda", f"must be >= 0, got {self.orpo_lambda}")
         if self.soft_labels:
             _require(
-                self.method == "dpo" and self.loss_type in ("sigmoid", "robust"),
+                self.method == "dpo" and self.loss_type in ("sigmoid", "cdpo", "robust"),
                 "soft_labels",
-                f"needs method dpo with loss_type sigmoid or robust, got {self.method}/{self.loss_type}",
+                f"needs method dpo, loss_type sigmoid, cdpo or robust; got {self.method}/{self.loss_type}",
             )
             _require(
                 self.label_smoothing == 0,
@@ -85,10 +99,15 @@ class KTOConfig:
     """Kahneman-Tversky optimisation options."""
 
     beta: float = 0.1
+    """strength of the KL-anchored value function"""
     desirable_weight: float = 1.0
+    """weight of desirable examples"""
     undesirable_weight: float = 1.0
+    """weight of undesirable examples"""
     precompute_ref_logps: bool = False
+    """score the data with the reference once, cache it, free the reference"""
     reference: str | None = None
+    """reference model (null: the policy's initial weights)"""
 
     def validate(self) -> None:
         _require(self.beta > 0, "beta", f"must be > 0, got {self.beta}")
@@ -111,21 +130,33 @@ class PPOConfig:
     `epochs` × `minibatches` clipped updates of policy and value per rollout batch."""
 
     epochs: int = 2
+    """passes over each rollout batch"""
     minibatches: int = 2
+    """optimizer steps per pass"""
     clip_eps: float = 0.2
+    """PPO ratio clip"""
     value_clip: float = 0.2
+    """value-prediction clip around the rollout values"""
     vf_coef: float = 0.5
+    """weight of the value loss"""
     entropy_coef: float = 0.0
+    """entropy bonus"""
     gamma: float = 1.0
+    """discount"""
     lam: float = 0.95
+    """GAE lambda"""
     whiten_advantages: bool = True
-    target_kl: float | None = None  # stop the epoch loop when the policy's approx KL passes it
-    # "separate": a ValueHeadModel (own optimizer / engine) from value_path, else the first reward
-    # model folder, else the policy's folder; "shared": a value head on the policy's hidden states
+    """normalise advantages over the global batch"""
+    target_kl: float | None = None
+    """stop a rollout's epochs when the approx KL passes it (null: never)"""
     value_model: Literal["separate", "shared"] = "separate"
+    """'separate' critic (own optimizer) or a 'shared' head on the policy"""
     value_path: str | None = None
-    value_lr: float | None = None  # null: train.lr
-    reference: str | None = None  # null: the policy's initial weights (model.path)
+    """the critic's backbone (null: the first reward model, else the policy's folder)"""
+    value_lr: float | None = None
+    """critic lr (null: train.lr)"""
+    reference: str | None = None
+    """reference model (null: the policy's initial weights)"""
 
     def validate(self) -> None:
         _check_updates(self, "PPO epochs:")
@@ -156,15 +187,23 @@ class GRPOConfig:
     default) in the loss with kl.coef."""
 
     estimator: Literal["grpo", "dr_grpo", "rloo"] = "grpo"
+    """advantages: grpo (mean/std), dr_grpo (mean only), rloo (leave-one-out)"""
     group_size: int = 4
-    epochs: int = 1  # 1 × 1 minibatch: on-policy (ratio 1); more: PPO-style clipped reuse
+    """responses sampled per prompt"""
+    epochs: int = 1
+    """passes over each rollout batch (1 x 1 minibatch: on-policy)"""
     minibatches: int = 1
+    """optimizer steps per pass"""
     clip_eps: float = 0.2
-    clip_eps_high: float | None = None  # DAPO clip-higher
+    """PPO ratio clip"""
+    clip_eps_high: float | None = None
+    """upper clip (DAPO clip-higher; null: clip_eps)"""
     entropy_coef: float = 0.0
-    # "auto": grpo → seq-mean-token-mean, dr_grpo → seq-mean-token-sum-norm, rloo → token-mean
+    """entropy bonus"""
     agg: str = "auto"
+    """loss aggregation ('auto': the estimator's own)"""
     reference: str | None = None
+    """reference model (null: the policy's initial weights)"""
 
     def validate(self) -> None:
         _check_updates(self, "passes")
@@ -186,12 +225,19 @@ class OnlineDPOConfig:
     and worst by reward become a pair (ties skipped), then DPO steps against the reference."""
 
     num_samples: int = 2
+    """responses sampled per prompt; best vs worst become a pair"""
     beta: float = 0.1
+    """DPO beta"""
     loss_type: str = "sigmoid"
+    """DPO loss type (as dpo.loss_type)"""
     epochs: int = 1
+    """passes over each iteration's pairs"""
     minibatches: int = 1
-    ref_refresh: bool = False  # copy the policy into the reference at each iteration start
+    """optimizer steps per pass"""
+    ref_refresh: bool = False
+    """copy the policy into the reference at each iteration (iterative DPO)"""
     reference: str | None = None
+    """reference model (null: the policy's initial weights)"""
 
     def validate(self) -> None:
         from fastalign.losses.preference import DPO_LOSS_TYPES  # torch: only when validating this recipe
@@ -223,18 +269,31 @@ class RewardConfig:
     its chat template (`template`)."""
 
     models: list[str] = field(default_factory=list)
+    """reward model folders (several: an ensemble)"""
     ensemble: Literal["min", "mean"] = "min"
+    """how several reward models combine ('min' is the conservative choice)"""
     function: str | None = None
+    """a reward function: 'package.module:function' or 'path/to/file.py:function'"""
     function_kwargs: dict[str, Any] = field(default_factory=dict)
+    """keyword arguments for the reward function"""
     model_weight: float = 1.0
+    """weight of the reward models' score"""
     function_weight: float = 1.0
+    """weight of the function's reward"""
     normalize: bool = False
+    """normalise rewards by a running mean / std"""
     clip: float | None = None
+    """clip rewards to [-clip, clip] (null: off)"""
     length_penalty: float = 0.0
+    """subtracted per response token"""
     missing_eos_penalty: float | None = None
+    """subtracted when a response does not end (null: off)"""
     batch_size: int = 16
+    """responses per reward-model forward"""
     max_length: int = 512
+    """tokens per scored prompt + response"""
     template: Literal["auto", "chat", "plain"] = "auto"
+    """how reward models see the text: 'chat' template, 'plain', or 'auto'"""
 
     def validate(self) -> None:
         _require(
@@ -274,10 +333,15 @@ class KLConfig:
     2019) and estimator (k1 in the per-token reward as InstructGPT; k2 / k3 in the loss as GRPO)."""
 
     coef: float = 0.05
+    """KL penalty coefficient (fixed, or the start of the adaptive controller)"""
     estimator: Literal["k1", "k2", "k3"] = "k1"
+    """k1 (in the reward, InstructGPT), k2 or k3 (in the loss, GRPO)"""
     adaptive: bool = False
-    target: float = 6.0  # nats per sequence (summed over response tokens)
+    """adapt the coefficient towards `target` (Ziegler et al. 2019)"""
+    target: float = 6.0
+    """target KL per sequence for the adaptive controller (nats)"""
     horizon: int = 10000
+    """adaptive controller horizon (steps)"""
 
     def validate(self) -> None:
         _require(
@@ -304,11 +368,17 @@ class WatchConfig:
       from counting as an explosion)."""
 
     length_drift: float = 1.0
+    """warn when mean response length moves this fraction from its start"""
     length_window: int = 10
+    """steps that define the starting length"""
     kl_threshold: float = 20.0
+    """warn when KL per sequence passes this (nats)"""
     reward_kl_window: int = 10
+    """steps over which reward-up-while-KL-explodes is checked"""
     kl_blowup: float = 4.0
+    """KL growth factor that counts as an explosion"""
     kl_floor: float = 1.0
+    """KL floor for that growth (a start near 0 is not an explosion)"""
 
     def validate(self) -> None:
         _require(self.length_drift > 0, "length_drift", f"must be > 0, got {self.length_drift}")

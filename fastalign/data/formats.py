@@ -14,8 +14,8 @@ skipped as `format_mismatch`, one that fits none as `missing_field`. Per row:
   * with `prompt`: "chat" if any of prompt / chosen / rejected is a list, else "preference".
 - kind "kto": `prompt`, `completion` and `label` present: "chat" if prompt or completion is a list,
   else "kto".
-- kind "sft": `messages` -> "chat"; `text` -> "sft"; `prompt` + `completion` -> "chat" if either is a
-  list, else "sft".
+- kind "sft": `messages` -> "chat"; `text` -> "sft"; `prompt` + `completion` (or a preference pair's
+  `chosen`, which is then the completion learnt) -> "chat" if either is a list, else "sft".
 
 Formats, per row:
  (a) preference: prompt / chosen / rejected strings.
@@ -103,8 +103,9 @@ def detect(kind: str, row: dict) -> str | None:
         return "chat"
     if "text" in keys:
         return "sft"
-    if {"prompt", "completion"} <= keys:
-        return "chat" if any(isinstance(row[k], list) for k in ("prompt", "completion")) else "sft"
+    for response in ("completion", "chosen"):  # a preference pair's chosen side is an SFT target
+        if {"prompt", response} <= keys:
+            return "chat" if any(isinstance(row[k], list) for k in ("prompt", response)) else "sft"
     return None
 
 
@@ -112,7 +113,7 @@ def expected_keys(kind: str) -> str:
     return {
         "preference": "prompt/chosen/rejected, or chosen/rejected transcripts or message lists",
         "kto": "prompt/completion/label",
-        "sft": "text, messages, or prompt/completion",
+        "sft": "text, messages, prompt/completion, or prompt/chosen (a pair's chosen side)",
     }[kind]
 
 
@@ -276,14 +277,16 @@ def _sft(fmt: str, row: dict) -> dict:
                 raise RowError("bad_messages", "'messages' has no turn before the assistant reply")
             return {"prompt": messages[:-1], "completion": messages[-1:], "chat": True}
         prompt = _messages(_field(row, "prompt"), "prompt", allow_string_as_user=True)
-        return {
-            "prompt": prompt,
-            "completion": _messages(_field(row, "completion"), "completion"),
-            "chat": True,
-        }
+        name = _sft_response(row)
+        return {"prompt": prompt, "completion": _messages(_field(row, name), name), "chat": True}
     if "text" in row:
         return {"text": _string(row, "text"), "chat": False}
-    return {"prompt": _string(row, "prompt"), "completion": _string(row, "completion"), "chat": False}
+    return {"prompt": _string(row, "prompt"), "completion": _string(row, _sft_response(row)), "chat": False}
+
+
+def _sft_response(row: dict) -> str:
+    """`completion`, else the `chosen` response of a preference pair (SFT on the preferred side)."""
+    return "completion" if "completion" in row or "chosen" not in row else "chosen"
 
 
 def _common_prefix_len(a: str, b: str) -> int:

@@ -95,7 +95,8 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
         beta: β > 0 (for orpo it only scales the logged rewards unless `lam` is not given).
         loss_type: DPO variant (method="dpo" only; "ipo" forces "ipo").
         label_smoothing: ε for dpo (sigmoid / robust / exo_pair) and simpo.
-        average_log_prob: None → method default (False for dpo, True for ipo / simpo / orpo).
+        average_log_prob: None → method default (False for dpo except loss_type ipo, True for ipo /
+            simpo / orpo).
         ignore_index: label of prompt / padding positions.
         chunk_size: vocabulary columns per tile of the fused op (None: ~32 MiB tiles).
         **method_kwargs: `gamma_beta_ratio` (simpo), `lam` (orpo).
@@ -146,7 +147,10 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
         self.method, self.loss_type = method, loss_type
         self.beta = _check_number(op, "beta", beta, positive=True)
         self.label_smoothing = _check_number(op, "label_smoothing", label_smoothing, low=0.0, high=0.5)
-        avg = _AVERAGE_DEFAULT[method] if average_log_prob is None else bool(average_log_prob)
+        # IPO works on per-token log-ratios (TRL >= 1): loss_type ipo under method dpo averages too,
+        # unless the caller asks for sums, in which case the lengths go to dpo_loss (same loss)
+        default = _AVERAGE_DEFAULT[method] or loss_type == "ipo"
+        avg = default if average_log_prob is None else bool(average_log_prob)
         self.average_log_prob = avg
         self.ignore_index, self.chunk_size = int(ignore_index), chunk_size
         self.method_kwargs = dict(method_kwargs)
@@ -239,6 +243,9 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
                 )
             ref_c = _check_seq(op, "ref_chosen_logps", ref_chosen_logps, b).detach().to(seq.dtype)
             ref_r = _check_seq(op, "ref_rejected_logps", ref_rejected_logps, b).detach().to(seq.dtype)
+            lengths = {}
+            if self.loss_type == "ipo" and not avg:  # sums: dpo_loss divides by the lengths itself
+                lengths = {"chosen_lengths": mask[:b].sum(-1), "rejected_lengths": mask[b:].sum(-1)}
             losses, c_rew, r_rew = dpo_loss(
                 chosen,
                 rejected,
@@ -247,6 +254,7 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
                 beta=self.beta,
                 loss_type=self.loss_type,
                 label_smoothing=eps,
+                **lengths,
             )
         elif self.method == "simpo":
             losses, c_rew, r_rew = simpo_loss(

@@ -81,6 +81,9 @@ def load_tokenizer(path: str, *, gguf_file: str | None = None, trust_remote_code
         folder, gguf_file=gguf_file, trust_remote_code=bool(trust_remote_code), local_files_only=True
     )
     tok.padding_side = "right"
+    # fastalign cuts every row to data.max_length itself; the tokenizer's "longer than the maximum
+    # ... indexing errors" warning about the untruncated text is noise, so mark it as given
+    tok.deprecation_warnings["sequence-length-is-longer-than-the-specified-maximum"] = True
     if tok.pad_token is None:
         if tok.unk_token is not None:
             tok.pad_token = tok.unk_token

@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import logging
+import warnings
 from pathlib import Path
 
 import torch
@@ -41,6 +43,11 @@ def _pad_token_id(folder: str, gguf_file: str | None, config, pad_token_id: int 
     )
 
 
+class _DropLoadReport(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in str(record.msg)
+
+
 def load_reward_model(
     path: str,
     *,
@@ -63,7 +70,26 @@ def load_reward_model(
     folder, gguf_file = resolve_model_path(path, gguf_file)
     check_model_files(folder, gguf_file)
     kw = _pretrained_kwargs(gguf_file, dtype, attn_implementation, device, trust_remote_code)
-    model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1, **kw)
+    # transformers prints a MISSING / UNEXPECTED table for the new score head (initialised on
+    # purpose) and the unused lm_head of a causal-LM folder: expected, so only anything else is told
+    loader_log = logging.getLogger("transformers.modeling_utils")
+    no_report = _DropLoadReport()  # a filter, not a level: transformers changes behaviour by level
+    loader_log.addFilter(no_report)
+    try:
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            folder, num_labels=1, output_loading_info=True, **kw
+        )
+    finally:
+        loader_log.removeFilter(no_report)
+    head = {n for n, _ in model.named_parameters() if n.split(".")[0] in ("score", "classifier")}
+    missing = sorted(set(info.get("missing_keys", ())) - head)
+    unexpected = sorted(k for k in info.get("unexpected_keys", ()) if not k.startswith("lm_head."))
+    if missing or unexpected:
+        warnings.warn(
+            f"reward model {path}: weights missing from the checkpoint (newly initialised): {missing}; "
+            f"weights in the checkpoint the model does not use: {unexpected}",
+            stacklevel=2,
+        )
     model.config.pad_token_id = _pad_token_id(folder, gguf_file, model.config, pad_token_id)
     return prepare_model(
         model, gradient_checkpointing=gradient_checkpointing, lora=lora, task_type="SEQ_CLS", device=device

@@ -306,6 +306,26 @@ class RewardScorer:
         self._warned_cut = False
 
     @torch.no_grad()
+    def describe(self) -> str:
+        """The active reward sources and shaping, for the run log (what the policy is trained on)."""
+        c = self.cfg
+        parts = []
+        if c.models:
+            how = f", {c.ensemble} of {len(c.models)}" if len(c.models) > 1 else ""
+            parts.append(f"reward model(s) {', '.join(c.models)} (weight {c.model_weight:g}{how})")
+        if c.function:
+            kw = f", kwargs {dict(c.function_kwargs)}" if c.function_kwargs else ""
+            parts.append(f"function {c.function} (weight {c.function_weight:g}{kw})")
+        if c.length_penalty:
+            parts.append(f"length penalty {c.length_penalty:g}/token")
+        if c.missing_eos_penalty is not None:
+            parts.append(f"missing-EOS penalty {c.missing_eos_penalty:g}")
+        if c.normalize:
+            parts.append("running normalisation")
+        if c.clip is not None:
+            parts.append(f"clipped to +-{c.clip:g}")
+        return "; ".join(parts)
+
     def score_models(self, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
         """(M, N) float32 raw scores on `device`, one row per reward model."""
         _check_len("responses", responses, len(prompts))

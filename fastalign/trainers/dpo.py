@@ -33,10 +33,13 @@ def make_loss_module(dcfg: DPOConfig) -> FusedLinearPreferenceLoss:
         kwargs["gamma_beta_ratio"] = dcfg.simpo_gamma_beta_ratio
     if dcfg.method == "orpo":
         kwargs["lam"] = dcfg.orpo_lambda
+    loss_type = dcfg.loss_type
+    if loss_type == "sigmoid" and (dcfg.label_smoothing > 0 or dcfg.soft_labels):
+        loss_type = "cdpo"  # sigmoid with label smoothing is conservative DPO (TRL 1.x ignores ε there)
     return FusedLinearPreferenceLoss(
         dcfg.method,
         beta=dcfg.beta,
-        loss_type=dcfg.loss_type,
+        loss_type=loss_type,
         label_smoothing=dcfg.label_smoothing,
         average_log_prob=dcfg.average_log_prob,
         **kwargs,

@@ -128,6 +128,10 @@ def make_runtime(cfg) -> Runtime:
             "and write the same files; use engine.backend=auto or deepspeed, or run without the launcher"
         )
     wants = world > 1 if cfg.engine.backend == "auto" else cfg.engine.backend == "deepspeed"
+    if resolve_device(cfg.train.device).type == "cpu":
+        # DeepSpeed (imported by transformers' save_pretrained too) warns "Setting accelerator to CPU"
+        # on every CPU run unless told; it is what we want, not news
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     return ZeroRuntime(cfg) if wants else LocalRuntime()
 
 

@@ -27,6 +27,10 @@ from fastalign.trainers.runtime import Runtime, make_runtime, say
 
 def setup(cfg, *, reward: bool = False) -> tuple[Runtime, torch.device, Any, torch.nn.Module]:
     """(runtime, device, tokenizer, policy model) of a recipe config."""
+    if not sys.stderr.isatty():
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # its "Loading weights" bars are noise in a log file
     rt = make_runtime(cfg)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -132,4 +136,5 @@ def setup_online(cfg, name: str, reference: str | None, *, with_ref: bool = True
     say(f"[{name}] prompts {cfg.data.train}: {report.summary()}")
     ref = load_frozen_lm(reference or cfg.model.path, cfg.model, device, rt) if with_ref else None
     scorer = RewardScorer(cfg.reward, device=device, runtime=rt, seed=cfg.train.seed)
+    say(f"[{name}] rewards: {scorer.describe()}; KL coef {cfg.kl.coef:g} ({cfg.kl.estimator})")
     return OnlineSetup(rt, device, tok, model, prompts, ref, scorer, RewardHackingWatch(cfg.watch))

@@ -180,3 +180,17 @@ def test_no_warning_for_mixed_kto_labels_or_preference_pairs(tok, tmp_path):
             load_examples("preference", pref, tok),
         )
     assert kto_report.warnings == pref_report.warnings == [] and "Warning" not in kto_report.summary()
+
+
+def test_sft_on_preference_pairs_learns_the_chosen_side(tok, tmp_path):
+    """`fastalign sft` on a pair file (the shipped configs/sft.yaml) or on the user's own
+    prompt/completion file, without a column mapping for either."""
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"prompt": "Hi", "chosen": " yes", "rejected": " no"}) + "\n")
+    own = tmp_path / "own.jsonl"
+    own.write_text(json.dumps({"prompt": "Hi", "completion": " yes"}) + "\n")
+    a, ra = load_examples("sft", pairs, tok)
+    b, rb = load_examples("sft", own, tok)
+    assert ra.format == rb.format == "sft" and ra.kept == rb.kept == 1
+    assert a[0]["input_ids"] == b[0]["input_ids"] and a[0]["labels"] == b[0]["labels"]
+    assert tok.decode([t for t in a[0]["labels"] if t != -100]).strip().startswith("yes")

@@ -338,3 +338,15 @@ def test_a_full_disk_names_the_file_and_keeps_the_earlier_checkpoint(tmp_path):
         assert state["step"] == int(good[-1][5:])
     finally:
         subprocess.run(["umount", str(small)])
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. launch input cannot inject commands (the full matrix is tests/engine/test_hostfile.py)
+# ---------------------------------------------------------------------------------------------
+def test_a_hostfile_host_that_is_an_ssh_option_runs_nothing(tmp_path):
+    pwned = tmp_path / "PWNED"
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text(f"-oProxyCommand=touch${{IFS}}{pwned} slots=1\nnode2 slots=1\n")
+    code, err = cli("launch", "--hostfile", str(hostfile), "--num_nodes", "2", "--", "sft")
+    assert code == 2 and f"{hostfile}:1" in err and "starts with '-'" in err, err
+    assert not pwned.exists()
