@@ -21,8 +21,8 @@ def describe_missing(path: str | os.PathLike) -> str:
     text = os.fspath(path)
     p = Path(text).expanduser()
     if p.is_absolute():
-        return repr(text)
-    return f"{text!r} (relative to the current directory {os.getcwd()})"
+        return text
+    return f"{text} (relative to the current directory {os.getcwd()})"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("fastalign.engine",),
     ("fastalign.rollout",),
     ("fastalign.trainers",),
-    ("fastalign.cai", "fastalign.demo", "fastalign.plot", "fastalign.recipes"),
+    ("fastalign.cai", "fastalign.demo", "fastalign.plot", "fastalign.plot_figures", "fastalign.recipes"),
     ("fastalign.cli",),
 ]
 

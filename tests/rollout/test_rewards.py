@@ -79,7 +79,7 @@ def test_stories_reward_model_scores_like_the_rm_recipe():
     rm, tok = scorer.models[0].model, scorer.models[0].tokenizer
     enc = Encoder("preference", tok, 512, None)
     for i, (p, r) in enumerate(zip(PROMPTS, responses, strict=True)):
-        ex, _ = enc({"chat": False, "prompt": p, "chosen": r, "rejected": r})
+        ex, _ = enc({"chat": False, "prompt": p, "chosen": r, "rejected": r + " No."})  # a real pair
         ids = torch.tensor([ex["prompt_ids"] + ex["chosen_ids"]])
         with torch.no_grad():
             want = rm(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, 0]
