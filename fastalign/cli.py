@@ -203,7 +203,7 @@ def run_recipe(method: str, config: str | None, overrides: Sequence[str], print_
 
     out = Path(cfg.train.output_dir)
     main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun / deepspeed: rank 0 writes
-    result, name = REGISTRY[method].run(cfg)  # the run session writes config.yaml (never on a refusal)
+    result = REGISTRY[method].run(cfg)  # the run session writes config.yaml (never on a refusal)
     if not main_rank:
         return result
     summary = ", ".join(
@@ -211,7 +211,7 @@ def run_recipe(method: str, config: str | None, overrides: Sequence[str], print_
         for k, v in result.eval_metrics.items()
         if k.startswith(("loss", "rewards/acc", "rewards/mar", "nll"))
     )
-    print(f"[{name}] done: {result.steps} steps; run folder {out}" + (f"; eval {summary}" if summary else ""))
+    print(f"[{method}] done: {result.steps} steps; run folder {out}" + (f"; eval {summary}" * bool(summary)))
     return result
 
 

@@ -28,9 +28,8 @@ class Recipe:
     def help(self) -> str:
         return self.config.help
 
-    def run(self, cfg) -> tuple[RunResult, str]:
-        """Open the run (lock, resume check: before any model is loaded), build, train; (result,
-        the run's display name)."""
+    def run(self, cfg) -> RunResult:
+        """Open the run (lock, resume check: before any model is loaded), build, train."""
         session = RunSession(cfg, self.name).open()
         try:
             built = self.build(cfg)
@@ -38,7 +37,7 @@ class Recipe:
             session.close()
             raise
         session.name = built.name
-        return self.driver(cfg, built, session), built.name
+        return self.driver(cfg, built, session)
 
 
 REGISTRY: dict[str, Recipe] = {

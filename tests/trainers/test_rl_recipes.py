@@ -59,7 +59,7 @@ def _cfg(method: str, out: Path, prompts: Path, *overrides: str):
 def _run(method: str, cfg):
     from fastalign.recipes import REGISTRY
 
-    return REGISTRY[method].run(cfg)[0]
+    return REGISTRY[method].run(cfg)
 
 
 def _curve(out: Path, key: str) -> list[float]:
