@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import gc
+import importlib.util
 import json
 import math
 import sys
@@ -56,8 +57,19 @@ from benchlib import (  # noqa: E402
     write_csv,
 )
 
-OPS = ("token_logprobs", "linear_logprobs")
+# linear_logprobs_real: linear_logprobs on real activations (SmolLM2-135M hidden states and
+# lm_head on the shipped preference data, activationlib.py), fwd+bwd, fp32, N tokens.
+OPS = ("token_logprobs", "linear_logprobs", "linear_logprobs_real")
 MODES = ("fwd", "fwd+bwd")
+REAL_H, REAL_V = 576, 49152  # SmolLM2-135M
+# Backends of the real-activation case. "cpp/gf=2^-k": the cpp backend with grad_filter=2^-k
+# (the default "auto" is exact in fp32); "cce": cut-cross-entropy's torch_compile implementation
+# (its only CPU path; needs `pip install cut-cross-entropy`), timed like every other backend.
+REAL_BACKENDS = {
+    "quick": ["cpp", "cpp/gf=2^-12"],
+    "full": ["cpp", "cpp/gf=2^-20", "cpp/gf=2^-16", "cpp/gf=2^-12", "cpp/gf=2^-8", "torch", "cce"],
+}
+REAL_TOKENS = {"quick": [512], "full": [4096]}
 ELT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 FUSED_BACKENDS = {"cpu": ("cpp", "torch"), "cuda": ("triton", "torch")}
 
@@ -82,6 +94,8 @@ DEFAULT_DTYPES = {
     ("cuda", "quick"): {"token_logprobs": ["bf16"], "linear_logprobs": ["bf16"]},
     ("cuda", "full"): {"token_logprobs": ["bf16"], "linear_logprobs": ["bf16"]},
 }
+for _kinds in DEFAULT_DTYPES.values():
+    _kinds["linear_logprobs_real"] = ["fp32"]  # the model's own dtype
 # Timing: reps = clamp(target_s / first-call time, min_reps, max_reps).
 TIMING = {
     ("cpu", "quick"): {"target_s": 1.5, "min_reps": 5, "max_reps": 20, "timeout_s": 180},
@@ -89,6 +103,16 @@ TIMING = {
     ("cuda", "quick"): {"target_s": 0.5, "min_reps": 10, "max_reps": 50, "timeout_s": 300},
     ("cuda", "full"): {"target_s": 1.0, "min_reps": 10, "max_reps": 100, "timeout_s": 600},
 }
+
+
+def split_backend(backend: str) -> tuple[str, float | str]:
+    """'cpp/gf=2^-12' -> ('cpp', 2**-12); 'cpp' -> ('cpp', 'auto')."""
+    if "/gf=" not in backend:
+        return backend, "auto"
+    base, gf = backend.split("/gf=")
+    if gf.startswith("2^"):
+        return base, 2.0 ** float(gf[2:])
+    return base, float(gf)
 
 
 def shape_label(op: str, shape: tuple[int, ...]) -> str:
@@ -122,6 +146,18 @@ def _make_inputs(case: dict, shape: tuple[int, ...], device: str, seed: int = 0)
 
     tdtype = getattr(torch, DTYPES[case["dtype"]])
     gen = torch.Generator(device=device).manual_seed(seed)
+    if case["op"] == "linear_logprobs_real" and shape[0] > 64:  # (the 64-row warm-up: random)
+        import activationlib
+
+        data = activationlib.load(max(shape[0], activationlib.DEFAULT_TOKENS), verbose=False)
+        n = shape[0]
+        params = [data["hidden"][:n].to(device, tdtype).clone(), data["weight"].to(device, tdtype).clone()]
+        labels = data["labels"][:n].to(device).clone()
+        del data
+        gc.collect()
+        for p in params:
+            p.requires_grad_(case["mode"] == "fwd+bwd")
+        return params, labels
     if case["op"] == "token_logprobs":
         n, v = shape
         params = [torch.empty(n, v, dtype=tdtype, device=device).normal_(0.0, 2.0, generator=gen)]
@@ -159,8 +195,16 @@ def _make_step(op: str, backend: str, mode: str, params: list, labels, repeat: i
             call = lambda: token_logprobs(params[0], labels, backend=backend)
     elif backend == "eager":
         call = lambda: linear_logprobs_reference(params[0], params[1], labels)
+    elif backend == "cce":
+        from cut_cross_entropy import linear_cross_entropy
+
+        # Per-token loss = -log p(label): the same work as linear_logprobs (no entropy).
+        call = lambda: linear_cross_entropy(
+            params[0], params[1], labels, impl="torch_compile", reduction="none"
+        ).neg()
     else:
-        call = lambda: linear_logprobs(params[0], params[1], labels, backend=backend)
+        base, gf = split_backend(backend)
+        call = lambda: linear_logprobs(params[0], params[1], labels, backend=base, grad_filter=gf)
 
     if mode == "fwd+bwd":
 
@@ -203,8 +247,10 @@ def _run_one(case: dict) -> dict:
     # 2. inputs at full size, created in place.
     params, labels = _make_inputs(case, shape, device, seed=1)
     step = _make_step(op, backend, mode, params, labels, repeat=case.get("slowdown", 1))
-    if device == "cuda":
+    if device == "cuda" or backend == "cce":
+        t0 = time.perf_counter()
         step()  # compile / autotune the kernels for this shape before measuring memory
+        res["compile_call_ms"] = (time.perf_counter() - t0) * 1e3
         for p in params:
             p.grad = None
     gc.collect()
@@ -232,6 +278,15 @@ def _run_one(case: dict) -> dict:
     if paired:
         steps["eager"] = _make_step(op, "eager", mode, params, labels)
     res.update(time_steps(steps, backend, first_s, case, device))
+    # 5. what the gradient filter did (one more call, recorded: not timed).
+    if mode == "fwd+bwd" and backend not in ("eager", "cce") and op != "token_logprobs":
+        from fastalign.ops.linear_logprobs import grad_filter_stats
+
+        with grad_filter_stats() as stats:
+            step()
+        if stats:
+            res["skipped_fraction"] = stats[-1]["skipped_fraction"]
+            res["max_dropped_mass"] = stats[-1]["max_dropped_mass"]
     return res
 
 
@@ -301,24 +356,27 @@ def print_table(results: list[dict], machine: dict, device_name: str, threads: i
         print()
         print(f"{op}  {shape}  {dtype}  {mode}")
         print(
-            f"  {'backend':<8} {'median ms':>10} {'[p20 - p80]':>21} {'vs eager':>9} {'(eager ms)':>10} "
-            f"{'peak MB':>9} {'mem/eager':>9} {rate:>8} {'% limit':>8}"
+            f"  {'backend':<12} {'median ms':>10} {'[p20 - p80]':>21} {'vs eager':>9} {'(eager ms)':>10} "
+            f"{'peak MB':>9} {'mem/eager':>9} {rate:>8} {'% limit':>8} {'skipped':>8}"
         )
         for r in rows:
             if "error" in r:
-                print(f"  {r['backend']:<8} SKIPPED: {r.get('note', r['error'])[:160]}")
+                print(f"  {r['backend']:<12} SKIPPED: {r.get('note', r['error'])[:160]}")
                 continue
             spread = f"[{fmt(r['time_ms_p20'])} - {fmt(r['time_ms_p80'])}]"
             speed = r.get("speedup_vs_eager")
             ratio = r.get("mem_ratio_vs_eager")
             frac = r.get("frac_of_limit")
             print(
-                f"  {r['backend']:<8} {fmt(r['time_ms_median']):>10} {spread:>21} "
+                f"  {r['backend']:<12} {fmt(r['time_ms_median']):>10} {spread:>21} "
                 f"{(fmt(speed, '.2f') + 'x') if speed is not None else '-':>9} "
                 f"{fmt(r.get('eager_paired_ms_median')):>10} {fmt(r['peak_mem_mb']):>9} "
                 f"{fmt(ratio, '.2f'):>9} {fmt(r.get('rate')):>8} "
-                f"{(fmt(100 * frac) + '%') if frac is not None else '-':>8}"
+                f"{(fmt(100 * frac) + '%') if frac is not None else '-':>8} "
+                f"{fmt(r.get('skipped_fraction'), '.3f'):>8}"
             )
+    print("  skipped: fraction of the (row, 256-column block) pairs the gradient filter dropped")
+    print("  (cpp/gf=2^-k: grad_filter=2^-k; the default 'auto' is exact in fp32).")
     print()
 
 
@@ -366,6 +424,30 @@ def print_goals(results: list[dict]) -> None:
     found = {
         (r["op"], r["backend"], r["mode"], r["shape"], r["dtype"]): r for r in results if "error" not in r
     }
+    real = [r for r in found.values() if r["op"] == "linear_logprobs_real" and r["backend"] != "eager"]
+    if real:
+        print(
+            "Real activations (SmolLM2-135M, fp32, fwd+bwd): goal >= 1.5x eager, <= 0.1x eager's peak "
+            "memory, faster than cut-cross-entropy's CPU path (cce)"
+        )
+        for shape in dict.fromkeys(r["shape"] for r in real):
+            cce = found.get(("linear_logprobs_real", "cce", "fwd+bwd", shape, "fp32"))
+            for r in (x for x in real if x["shape"] == shape and x["backend"] != "cce"):
+                sp, mr = r.get("speedup_vs_eager"), r.get("mem_ratio_vs_eager")
+                if sp is None or mr is None:
+                    continue
+                vs = "-"
+                if cce is not None and cce.get("speedup_vs_eager"):
+                    # ratio of the two paired speed-ups: robust to load changes between the cases
+                    rel = sp / cce["speedup_vs_eager"]
+                    vs = f"{rel:.2f}x cce ({'met' if rel > 1 else 'NOT MET'})"
+                ok = "met" if sp >= 1.5 and mr <= 0.1 else "NOT MET"
+                skipped = r.get("skipped_fraction")
+                print(
+                    f"  {shape} {r['backend']:<14} {sp:.2f}x eager, memory {mr:.3f}x ({ok}); vs {vs}"
+                    + (f"; skipped {skipped:.3f}" if skipped is not None else "")
+                )
+        print()
     print("Performance goals (CPU, fp32; reported, not gated)")
     for op, backend, mode, shape, dtype, metric, cmp, bound, what in GOALS:
         r = found.get((op, backend, mode, shape, dtype))
@@ -419,7 +501,23 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small shapes, few reps, fp32 on CPU (CI gate run)")
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    ap.add_argument("--ops", default=",".join(OPS), help="comma list (default: both ops)")
+    ap.add_argument(
+        "--ops",
+        default=None,
+        help=f"comma list of {', '.join(OPS)} (default: all three on CPU, the first two on CUDA)",
+    )
+    ap.add_argument(
+        "--real-tokens",
+        default=None,
+        help="linear_logprobs_real: comma list of token counts (default quick 512, full 4096; at most 4096 "
+        "are cached by default, more build a larger cache)",
+    )
+    ap.add_argument(
+        "--real-backends",
+        default=None,
+        help="linear_logprobs_real backends besides eager, e.g. cpp,cpp/gf=2^-12,cce "
+        f"(default quick {','.join(REAL_BACKENDS['quick'])}; full {','.join(REAL_BACKENDS['full'])})",
+    )
     ap.add_argument(
         "--backends",
         default=None,
@@ -480,7 +578,8 @@ def main(argv: list[str] | None = None) -> int:
     kind = "quick" if args.quick else "full"
     threads = args.threads or cpu_count()
     torch.set_num_threads(threads)
-    ops = [o.strip() for o in args.ops.split(",") if o.strip()]
+    default_ops = OPS if device == "cpu" else OPS[:2]
+    ops = [o.strip() for o in (args.ops or ",".join(default_ops)).split(",") if o.strip()]
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if args.dtypes:
         dtypes_of = {op: [d.strip() for d in args.dtypes.split(",") if d.strip()] for op in OPS}
@@ -500,7 +599,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: unknown {name}(s) {bad}; choose from {list(allowed)}", file=sys.stderr)
             return 2
     backends = ["eager"] + [b for b in fused if b != "eager"]
+    real = args.real_backends.split(",") if args.real_backends else REAL_BACKENDS[kind]
+    real_backends = ["eager"] + [b.strip() for b in real if b.strip() and b.strip() != "eager"]
+    bad = [b for b in real_backends if split_backend(b)[0] not in ("eager", "cpp", "torch", "triton", "cce")]
+    if bad:
+        print(f"error: unknown real-activation backend(s) {bad}", file=sys.stderr)
+        return 2
     shapes = dict(SHAPES[(device, kind)])
+    tokens = [int(x) for x in args.real_tokens.split(",")] if args.real_tokens else REAL_TOKENS[kind]
+    shapes["linear_logprobs_real"] = [(n, REAL_H, REAL_V) for n in tokens]
     if args.token_shapes:
         shapes["token_logprobs"] = args.token_shapes
     if args.linear_shapes:
@@ -523,6 +630,8 @@ def main(argv: list[str] | None = None) -> int:
         f"torch.set_num_threads({threads}) [OMP_NUM_THREADS={threads} in the cases]"
     )
     print(f"ops {ops}  backends {backends}  modes {modes}")
+    if "linear_logprobs_real" in ops:
+        print(f"  linear_logprobs_real: backends {real_backends}, fwd+bwd (SmolLM2-135M activations)")
     if args.inject_slowdown != 1:
         print(f"INJECTED SLOWDOWN: every fused call runs {args.inject_slowdown} times (eager once)")
     for op in ops:
@@ -531,7 +640,11 @@ def main(argv: list[str] | None = None) -> int:
     # C++ extension: build once here (first time on a machine ~20-60 s), never inside a timed case.
     skip: dict[str, str] = {}
     cpp_so = None
-    if "cpp" in backends:
+    all_backends = backends + (real_backends if "linear_logprobs_real" in ops else [])
+    if "cce" in all_backends and importlib.util.find_spec("cut_cross_entropy") is None:
+        skip["cce"] = "cut-cross-entropy is not installed (pip install --no-deps cut-cross-entropy)"
+        print(f"note: cce cases skipped: {skip['cce']}")
+    if any(split_backend(b)[0] == "cpp" for b in all_backends):
         print("cpp backend: building / loading the C++ extension ...", flush=True)
         ok, msg, cpp_so = build_cpp()
         print(
@@ -546,11 +659,13 @@ def main(argv: list[str] | None = None) -> int:
     machine: dict = {"matmul_gflops": {}, "loadavg": []}
     bw_bytes = {"cpu": 256 * 2**20 if args.quick else 512 * 2**20, "cuda": 2 * 2**30}[device]
     mm_shapes = []
-    if "linear_logprobs" in ops:
-        for dtype in dtypes_of["linear_logprobs"]:
-            for n, h, v in shapes["linear_logprobs"]:
-                vm = min(v, 8192) if device == "cpu" else v  # a few vocab tiles' worth is enough on CPU
-                mm_shapes.append((n, h, v, vm, dtype))
+    for op in ("linear_logprobs", "linear_logprobs_real"):
+        if op in ops:
+            for dtype in dtypes_of[op]:
+                for n, h, v in shapes[op]:
+                    vm = min(v, 8192) if device == "cpu" else v  # a few vocab tiles' worth is enough on CPU
+                    if (n, h, v, vm, dtype) not in mm_shapes:
+                        mm_shapes.append((n, h, v, vm, dtype))
 
     def measure_limits(when: str) -> None:
         load = load_average()
@@ -571,10 +686,12 @@ def main(argv: list[str] | None = None) -> int:
     # dtype), since peak allocated memory can be reset in-process; a crash loses only that group.
     cases = []
     for op in ops:
+        op_backends = real_backends if op == "linear_logprobs_real" else backends
+        op_modes = [m for m in modes if m == "fwd+bwd"] if op == "linear_logprobs_real" else modes
         for dtype in dtypes_of[op]:
-            for backend in backends:
+            for backend in op_backends:
                 for shape in shapes[op]:
-                    for mode in modes:
+                    for mode in op_modes:
                         cases.append(
                             dict(
                                 op=op,
@@ -588,7 +705,7 @@ def main(argv: list[str] | None = None) -> int:
                                 min_reps=timing["min_reps"],
                                 max_reps=timing["max_reps"],
                                 paired=not args.no_pairs,
-                                cpp_so=cpp_so if backend == "cpp" else None,
+                                cpp_so=cpp_so if split_backend(backend)[0] == "cpp" else None,
                                 slowdown=args.inject_slowdown if backend != "eager" else 1,
                             )
                         )
@@ -619,29 +736,31 @@ def main(argv: list[str] | None = None) -> int:
     print(f"running {len(cases)} cases in {len(groups)} subprocesses; results go to {out}", flush=True)
     for group in groups:
         backend = group[0]["backend"]
-        if backend in skip:
+        skipped = skip.get(split_backend(backend)[0])
+        if skipped:
             done = []
             for c in group:
                 r = {k: c[k] for k in ("op", "backend", "mode", "dtype")}
-                r.update(shape=shape_label(c["op"], tuple(c["shape"])), error=skip[backend][:600])
-                r["note"] = f"{backend} backend unavailable (error printed above)"
+                r.update(shape=shape_label(c["op"], tuple(c["shape"])), error=skipped[:600])
+                r["note"] = f"{backend} backend unavailable (see above)"
                 done.append(r)
         else:
             t0 = time.perf_counter()
             done = run_group(group, timing["timeout_s"] * len(group), threads)
             wall = time.perf_counter() - t0
         for r in done:
-            tag = f"  {r['op']:<16} {r['backend']:<7} {r['mode']:<8} {r['shape']:<22} {r['dtype']:<5}"
+            tag = f"  {r['op']:<20} {r['backend']:<12} {r['mode']:<8} {r['shape']:<22} {r['dtype']:<5}"
             if "error" in r:
                 print(f"{tag} SKIPPED: {r.get('note', r['error'])[:200]}", flush=True)
-                if "stderr_tail" in r and backend not in skip:
+                if "stderr_tail" in r and not skipped:
                     print("    " + r["stderr_tail"].replace("\n", "\n    "), flush=True)
             else:
                 print(
                     f"{tag} median {r['time_ms_median']:9.1f} ms ({r['reps']} reps)"
                     f"  peak {r['peak_mem_mb']:8.1f} MB"
                     + (f"  {r['speedup_vs_eager']:6.2f}x eager" if "speedup_vs_eager" in r else "")
-                    + (f"  [{wall:.0f} s]" if backend not in skip and len(group) == 1 else ""),
+                    + (f"  skipped {r['skipped_fraction']:.3f}" if "skipped_fraction" in r else "")
+                    + (f"  [{wall:.0f} s]" if not skipped and len(group) == 1 else ""),
                     flush=True,
                 )
         results.extend(done)

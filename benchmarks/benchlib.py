@@ -38,6 +38,8 @@ CSV_METRICS = (
     "gbps",
     "gflops",
     "frac_of_limit",
+    "skipped_fraction",  # linear_logprobs with a gradient filter: (row, block) pairs dropped
+    "max_dropped_mass",  # ... and the largest probability mass dropped from one row
 )
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 

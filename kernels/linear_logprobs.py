@@ -60,6 +60,7 @@ vocabulary / hidden offsets are int64.
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 
 import torch
 import triton
@@ -122,8 +123,14 @@ def _dh_configs() -> list[triton.Config]:
     return configs if _AUTOTUNE else configs[-1:]
 
 
-# Vocabulary ranges of the forward split are multiples of this (every BLOCK_V divides it).
-_V_GRANULE = 32 if _INTERPRET else 256
+# Vocabulary ranges of the forward split are multiples of this (every BLOCK_V divides it), and so
+# is the gradient filter's block (fastalign.ops.linear_logprobs.FILTER_BLOCK): a block never
+# straddles two ranges.
+_V_GRANULE = 256
+# The backward's dz chunk is stored in whole multiples of this many columns (zeros past the
+# vocabulary): the readers' tiles (≤ 256 columns on a GPU, ≤ 32 in the interpreter) need no
+# column mask, and an odd vocabulary (50257) keeps vectorised loads in its last chunk.
+_PAD = 32 if _INTERPRET else 256
 
 
 def _prune(configs, named_args, **kwargs):
@@ -212,8 +219,12 @@ def _linear_logprobs_fwd_kernel(
     inv_t_lo,
     ignore_index,
     N_BUCKET,  # autotune key only
+    lmass_ptr,  # (N, NB) fp32 out, used if WITH_MASS: log Σ e^{z} of each block of FB columns
+    NB,
     HAS_BIAS: tl.constexpr,
     WITH_ENTROPY: tl.constexpr,
+    WITH_MASS: tl.constexpr,
+    FB: tl.constexpr,
     F64: tl.constexpr,
     ACC: tl.constexpr,
     DOT_PREC: tl.constexpr,
@@ -238,6 +249,7 @@ def _linear_logprobs_fwd_kernel(
     s = tl.zeros((BLOCK_N,), ACC)
     t = tl.zeros((BLOCK_N,), ACC)
     z_lab = tl.zeros((BLOCK_N,), ACC)
+    cell_s = tl.zeros((BLOCK_N,), ACC)  # Σ e^{z - m_ref} over the current block of FB columns
     for v0 in range(v_lo, v_hi, BLOCK_V):
         cols = v0 + offs_v
         col_ok = cols < v_hi
@@ -274,6 +286,12 @@ def _linear_logprobs_fwd_kernel(
         s = s * alpha + tl.sum(e, 1)
         m = m_new
         z_lab += tl.sum(tl.where(cols[None, :] == labels[:, None], z, 0.0), 1)
+        if WITH_MASS:  # ranges and BLOCK_V divide FB: a block lies in one program, tiles in order
+            cell_s = cell_s * alpha + tl.sum(e, 1)
+            if ((v0 + BLOCK_V) % FB == 0) | (v0 + BLOCK_V >= v_hi):
+                lm = (m_ref + tl.log(cell_s)).to(tl.float32)  # -inf for a block without mass
+                tl.store(lmass_ptr + rows.to(tl.int64) * NB + v0 // FB, lm, mask=row_ok)
+                cell_s = tl.zeros((BLOCK_N,), ACC)
 
     out = part_ptr + pid_s.to(tl.int64) * N + rows
     stat = tl.cast(SPLIT, tl.int64) * N
@@ -349,13 +367,16 @@ def _linear_logprobs_bwd_kernel(
     ent_ptr,  # (N,) ACC, used if WITH_ENTROPY
     glogp_ptr,  # (N,)
     gent_ptr,  # (N,), used if WITH_ENTROPY
-    dz_ptr,  # (N, C) out, input dtype: dL/dlogits for vocabulary columns [c0, c0 + C)
+    dz_ptr,  # (N, ≥ C_PAD) out, input dtype: dL/dlogits for vocabulary columns [c0, c0 + C)
     dbp_ptr,  # (cdiv(N, BLOCK_N), ≥ C) ACC out: per-row-block column sums of dz (d bias)
+    keep_ptr,  # (N, NB) uint8, used if HAS_KEEP: 0 = the row drops that block of FB columns
     N,
     V,
     H,
     c0,
     C,
+    C_PAD,  # columns stored: C rounded up (zeros past C), so that readers load whole tiles
+    NB,
     stride_hn,
     stride_wv,
     stride_dz,
@@ -367,6 +388,8 @@ def _linear_logprobs_bwd_kernel(
     HAS_BIAS: tl.constexpr,
     WITH_ENTROPY: tl.constexpr,
     NEED_DBIAS: tl.constexpr,
+    HAS_KEEP: tl.constexpr,
+    FB: tl.constexpr,
     F64: tl.constexpr,
     ACC: tl.constexpr,
     DOT_PREC: tl.constexpr,
@@ -381,7 +404,7 @@ def _linear_logprobs_bwd_kernel(
     # a few row blocks of hidden and each weight tile in L2.
     pid = tl.program_id(0)
     num_n = tl.cdiv(N, BLOCK_N)
-    num_v = tl.cdiv(C, BLOCK_V)
+    num_v = tl.cdiv(C_PAD, BLOCK_V)
     per_group = GROUP_N * num_v
     first_n = (pid // per_group) * GROUP_N
     group = tl.minimum(num_n - first_n, GROUP_N)
@@ -393,69 +416,85 @@ def _linear_logprobs_bwd_kernel(
     cols = c0 + local
     row_ok = rows < N
     col_ok = local < C
-    z = _logits_tile(
-        h_ptr,
-        w_ptr,
-        b_ptr,
-        rows % N,
-        cols % V,
-        H,
-        stride_hn,
-        stride_wv,
-        inv_t_hi,
-        inv_t_lo,
-        HAS_BIAS,
-        F64,
-        ACC,
-        DOT_PREC,
-        DOT_UPCAST,
-        EVEN_K,
-        BLOCK_N,
-        BLOCK_V,
-        BLOCK_K,
-    )
-
     labels = tl.load(lab_ptr + rows, mask=row_ok, other=ignore_index)
     valid = (labels != ignore_index) & row_ok
-    g = tl.where(valid, tl.load(glogp_ptr + rows, mask=row_ok, other=0.0).to(ACC), 0.0)
-    lse = tl.load(lse_ptr + rows, mask=valid, other=float("inf"))  # fp64; p = 0 off rows
-    if F64:
-        logp = z - lse[:, None]
+    dz = tl.zeros((BLOCK_N, BLOCK_V), ACC)
+    if HAS_KEEP:  # c0 and BLOCK_V divide FB: the tile lies in one block
+        kept = tl.load(keep_ptr + rows.to(tl.int64) * NB + (c0 + pid_v * BLOCK_V) // FB, mask=row_ok, other=0)
+        valid = valid & (kept != 0)
+        run = tl.max(valid.to(tl.int32), 0) > 0  # a tile every row dropped: no recompute at all
     else:
-        lse_hi, lse_lo = _split_lse(lse)  # per row; the (BLOCK_N, BLOCK_V) math stays fp32
-        logp = (z - lse_hi[:, None]) - lse_lo[:, None]
-    p = tl.exp(logp)
-    dz = -g[:, None] * p
-    if WITH_ENTROPY:
-        gh = tl.where(valid, tl.load(gent_ptr + rows, mask=row_ok, other=0.0).to(ACC), 0.0)
-        ent = tl.load(ent_ptr + rows, mask=row_ok, other=0.0).to(ACC)
-        dz -= gh[:, None] * p * tl.where(p > 0.0, logp + ent[:, None], 0.0)
-    dz = tl.where(cols[None, :] == labels[:, None], dz + g[:, None], dz)
-    dz = _scale(dz, inv_t_hi, inv_t_lo, F64)
-    dz = tl.where(valid[:, None] & col_ok[None, :], dz, 0.0)
+        run = True
+    if run:
+        z = _logits_tile(
+            h_ptr,
+            w_ptr,
+            b_ptr,
+            rows % N,
+            cols % V,
+            H,
+            stride_hn,
+            stride_wv,
+            inv_t_hi,
+            inv_t_lo,
+            HAS_BIAS,
+            F64,
+            ACC,
+            DOT_PREC,
+            DOT_UPCAST,
+            EVEN_K,
+            BLOCK_N,
+            BLOCK_V,
+            BLOCK_K,
+        )
+        g = tl.where(valid, tl.load(glogp_ptr + rows, mask=row_ok, other=0.0).to(ACC), 0.0)
+        lse = tl.load(lse_ptr + rows, mask=valid, other=float("inf"))  # fp64; p = 0 off rows
+        if F64:
+            logp = z - lse[:, None]
+        else:
+            lse_hi, lse_lo = _split_lse(lse)  # per row; the (BLOCK_N, BLOCK_V) math stays fp32
+            logp = (z - lse_hi[:, None]) - lse_lo[:, None]
+        p = tl.exp(logp)
+        d = -g[:, None] * p
+        if WITH_ENTROPY:
+            gh = tl.where(valid, tl.load(gent_ptr + rows, mask=row_ok, other=0.0).to(ACC), 0.0)
+            ent = tl.load(ent_ptr + rows, mask=row_ok, other=0.0).to(ACC)
+            d -= gh[:, None] * p * tl.where(p > 0.0, logp + ent[:, None], 0.0)
+        d = tl.where(cols[None, :] == labels[:, None], d + g[:, None], d)
+        d = _scale(d, inv_t_hi, inv_t_lo, F64)
+        dz = tl.where(valid[:, None] & col_ok[None, :], d, 0.0)
 
     dz_ptrs = dz_ptr + rows.to(tl.int64)[:, None] * stride_dz + local[None, :]
-    tl.store(dz_ptrs, dz.to(dz_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+    tl.store(dz_ptrs, dz.to(dz_ptr.dtype.element_ty), mask=row_ok[:, None] & (local < C_PAD)[None, :])
     if NEED_DBIAS:
         tl.store(dbp_ptr + pid_n.to(tl.int64) * stride_dbp + local, tl.sum(dz, 0), mask=col_ok)
 
 
 @triton.autotune(
-    configs=_dh_configs(), key=["C", "H", "N_BUCKET"], prune_configs_by=_PRUNE, restore_value=["dh_ptr"]
+    configs=_dh_configs(),
+    key=["H", "V", "N_BUCKET"],  # not the chunk width: it follows the valid-row count every step
+    prune_configs_by=_PRUNE,
+    restore_value=["dh_ptr"],
 )
 @triton.jit
 def _linear_logprobs_bwd_dh_kernel(
-    dz_ptr,  # (N, C) input dtype, row stride stride_dz
+    dz_ptr,  # (N, ≥ C_PAD) input dtype, row stride stride_dz, zeros past C
     w_ptr,  # (V, H); rows c0 .. c0 + C are used
     dh_ptr,  # (N, H) ACC, accumulated in place
+    keep_ptr,  # (N, NB) uint8, used if HAS_KEEP
     N,
     H,
+    V,  # autotune key only
     C,
+    C_PAD,  # a multiple of BLOCK_K: the dz loads need no mask
     c0,
+    NB,
     stride_dz,
     stride_wv,
     stride_dh,
     N_BUCKET,  # autotune key only
+    HAS_KEEP: tl.constexpr,
+    FB: tl.constexpr,
     ACC: tl.constexpr,
     DOT_PREC: tl.constexpr,
     DOT_UPCAST: tl.constexpr,
@@ -464,8 +503,9 @@ def _linear_logprobs_bwd_dh_kernel(
     BLOCK_V: tl.constexpr,  # hidden columns per output tile
     BLOCK_K: tl.constexpr,  # chunk columns per step
 ):
-    """d_hidden[:, :] += dz @ weight[c0 : c0 + C]: a plain tiled GEMM; each program owns its
-    (BLOCK_N, BLOCK_V) output tile, so the fp32 read-modify-write needs no atomics."""
+    """d_hidden[:, :] += dz @ weight[c0 : c0 + C]: a tiled GEMM; each program owns its
+    (BLOCK_N, BLOCK_V) output tile, so the fp32 read-modify-write needs no atomics. With HAS_KEEP
+    (the gradient filter) a K step whose block every row of the tile dropped is skipped."""
     pid = tl.program_id(0)
     num_n = tl.cdiv(N, BLOCK_N)
     num_h = tl.cdiv(H, BLOCK_V)
@@ -476,24 +516,95 @@ def _linear_logprobs_bwd_dh_kernel(
     pid_h = (pid % per_group) // group
 
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
     hcols = pid_h * BLOCK_V + tl.arange(0, BLOCK_V)
     offs_k = tl.arange(0, BLOCK_K)
-    out_mask = (rows < N)[:, None] & (hcols < H)[None, :]
+    out_mask = row_ok[:, None] & (hcols < H)[None, :]
     # Start from the running sum: only one (BLOCK_N, BLOCK_V) tile is ever live in registers.
     acc = tl.load(dh_ptr + rows.to(tl.int64)[:, None] * stride_dh + hcols[None, :], mask=out_mask, other=0.0)
     a_ptrs = dz_ptr + (rows % N).to(tl.int64)[:, None] * stride_dz + offs_k[None, :]
     b_ptrs = w_ptr + (c0 + offs_k).to(tl.int64)[:, None] * stride_wv + (hcols % H)[None, :]
-    for k0 in range(0, C, BLOCK_K):
-        k_ok = offs_k < C - k0
-        a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
-        if DOT_UPCAST:  # interpreter only: its bf16 tl.dot is wrong
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=DOT_PREC, out_dtype=ACC)
+    for k0 in range(0, C_PAD, BLOCK_K):
+        if HAS_KEEP:  # BLOCK_K and c0 divide FB: the step lies in one block
+            kept = tl.load(keep_ptr + rows.to(tl.int64) * NB + (c0 + k0) // FB, mask=row_ok, other=0)
+            run = tl.max(kept.to(tl.int32), 0) > 0
+        else:
+            run = True
+        if run:
+            a = tl.load(a_ptrs)  # whole rows of dz: C_PAD columns were stored, zeros past C
+            b = tl.load(b_ptrs, mask=(offs_k < C - k0)[:, None], other=0.0)  # weight rows < V only
+            if DOT_UPCAST:  # interpreter only: its bf16 tl.dot is wrong
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=DOT_PREC, out_dtype=ACC)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K * tl.cast(stride_wv, tl.int64)
     tl.store(dh_ptr + rows.to(tl.int64)[:, None] * stride_dh + hcols[None, :], acc, mask=out_mask)
+
+
+@triton.autotune(configs=_dh_configs(), key=["H", "V", "N_BUCKET"], prune_configs_by=_PRUNE)
+@triton.jit
+def _linear_logprobs_bwd_dw_kernel(
+    dz_ptr,  # (N, ≥ C_PAD) input dtype, zeros past C
+    h_ptr,  # (N, H)
+    dw_ptr,  # (V, H) out, input dtype: rows c0 .. c0 + C written
+    keep_ptr,  # (N, NB) uint8, used if HAS_KEEP
+    N,
+    H,
+    V,  # autotune key only
+    C,
+    c0,
+    NB,
+    stride_dz,
+    stride_hn,
+    stride_dw,
+    N_BUCKET,  # autotune key only
+    HAS_KEEP: tl.constexpr,
+    FB: tl.constexpr,
+    ACC: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    DOT_UPCAST: tl.constexpr,
+    GROUP_N: tl.constexpr,
+    BLOCK_N: tl.constexpr,  # vocabulary rows of d_weight per output tile (divides FB)
+    BLOCK_V: tl.constexpr,  # hidden columns per output tile
+    BLOCK_K: tl.constexpr,  # token rows per step
+):
+    """d_weight[c0 : c0 + C] = dz.T @ hidden for the filtered backward: token-row steps whose
+    rows all dropped this tile's block are skipped (the dense backward uses cuBLAS instead)."""
+    pid = tl.program_id(0)
+    num_v = tl.cdiv(C, BLOCK_N)
+    num_h = tl.cdiv(H, BLOCK_V)
+    per_group = GROUP_N * num_h
+    first_v = (pid // per_group) * GROUP_N
+    group = tl.minimum(num_v - first_v, GROUP_N)
+    pid_v = first_v + (pid % per_group) % group
+    pid_h = (pid % per_group) // group
+
+    vrows = pid_v * BLOCK_N + tl.arange(0, BLOCK_N)  # column of dz = row of d_weight - c0
+    hcols = pid_h * BLOCK_V + tl.arange(0, BLOCK_V)
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_N, BLOCK_V), ACC)
+    block = (c0 + pid_v * BLOCK_N) // FB
+    a_ptrs = dz_ptr + offs_k.to(tl.int64)[None, :] * stride_dz + vrows[:, None]  # (BLOCK_N, BLOCK_K)
+    b_ptrs = h_ptr + offs_k.to(tl.int64)[:, None] * stride_hn + (hcols % H)[None, :]  # (BLOCK_K, BLOCK_V)
+    for k0 in range(0, N, BLOCK_K):
+        tok_ok = offs_k < N - k0
+        if HAS_KEEP:
+            kept = tl.load(keep_ptr + (k0 + offs_k).to(tl.int64) * NB + block, mask=tok_ok, other=0)
+            run = tl.max(kept.to(tl.int32), 0) > 0
+        else:
+            run = True
+        if run:
+            a = tl.load(a_ptrs, mask=tok_ok[None, :] & (vrows < C)[:, None], other=0.0)
+            b = tl.load(b_ptrs, mask=tok_ok[:, None], other=0.0)
+            if DOT_UPCAST:  # interpreter only: its bf16 tl.dot is wrong
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=DOT_PREC, out_dtype=ACC)
+        a_ptrs += BLOCK_K * tl.cast(stride_dz, tl.int64)
+        b_ptrs += BLOCK_K * tl.cast(stride_hn, tl.int64)
+    out = dw_ptr + (c0 + vrows).to(tl.int64)[:, None] * stride_dw + hcols[None, :]
+    tl.store(out, acc.to(dw_ptr.dtype.element_ty), mask=(vrows < C)[:, None] & (hcols < H)[None, :])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -537,10 +648,9 @@ def _check(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         raise TypeError("linear_logprobs (triton): hidden, weight and bias must share a dtype")
 
 
-def _valid_rows(labels: torch.Tensor, ignore_index: int) -> torch.Tensor | None:
-    """Indices of the rows to compute, or None when all are (no copy). One host sync."""
-    idx = (labels != ignore_index).nonzero().squeeze(1)
-    return None if idx.numel() == labels.numel() else idx
+def _device_guard(t: torch.Tensor):
+    """Every launch runs on the tensor's GPU, not the current one (`train.device: cuda:1`)."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else nullcontext()
 
 
 def linear_logprobs_forward(
@@ -552,40 +662,24 @@ def linear_logprobs_forward(
     inv_temperature: float,
     with_entropy: bool,
     chunk_size: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    filter_block: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """hidden (N, H), weight (V, H), bias (V,) | None, labels (N,) int64 -> logp, lse,
-    entropy-or-None, each (N,): logp and entropy fp32 (fp64 for fp64 inputs), lse fp64 for
-    every dtype; lse is 0 on ignored rows.
-    `chunk_size` is not used: the forward picks its own tiles (autotuned) and splits."""
+    entropy-or-None, lmass-or-None: logp and entropy (N,) fp32 (fp64 for fp64 inputs), lse (N,)
+    fp64 for every dtype (0 on ignored rows); with filter_block = B > 0, lmass (N, ceil(V / B))
+    fp32, the log Σ e^{z} of each block of B vocabulary columns (B a multiple of 256).
+    `chunk_size` is not used: the forward picks its own tiles (autotuned) and splits. Every row
+    is computed (the op drops ignored rows beforehand when it may sync); no host sync here."""
     del chunk_size
     _check(hidden, weight, bias)
-    n = hidden.shape[0]
-    acc, _, _ = _acc(hidden.dtype)
-    dev = hidden.device
-    labels = labels.contiguous()
-    idx = _valid_rows(labels, ignore_index) if n else None
-    if idx is not None:
-        logp = torch.zeros(n, dtype=acc, device=dev)
-        lse = torch.zeros(n, dtype=torch.float64, device=dev)
-        entropy = torch.zeros(n, dtype=acc, device=dev) if with_entropy else None
-        if idx.numel():
-            out = _forward(
-                hidden.index_select(0, idx),
-                weight,
-                bias,
-                labels[idx],
-                ignore_index,
-                inv_temperature,
-                with_entropy,
-            )
-            for full, part in zip((logp, lse, entropy), out, strict=True):
-                if full is not None:
-                    full[idx] = part
-        return logp, lse, entropy
-    return _forward(hidden, weight, bias, labels, ignore_index, inv_temperature, with_entropy)
+    if filter_block and filter_block % _V_GRANULE:
+        raise ValueError(f"linear_logprobs (triton): filter_block must be a multiple of {_V_GRANULE}")
+    with _device_guard(hidden):
+        y = labels.contiguous()
+        return _forward(hidden, weight, bias, y, ignore_index, inv_temperature, with_entropy, filter_block)
 
 
-def _forward(hidden, weight, bias, labels, ignore_index, inv_temperature, with_entropy):
+def _forward(hidden, weight, bias, labels, ignore_index, inv_temperature, with_entropy, filter_block):
     n, h = hidden.shape
     v = weight.shape[0]
     acc, f64, tl_acc = _acc(hidden.dtype)
@@ -593,8 +687,10 @@ def _forward(hidden, weight, bias, labels, ignore_index, inv_temperature, with_e
     logp = torch.empty(n, dtype=acc, device=dev)
     lse = torch.empty(n, dtype=torch.float64, device=dev)
     entropy = torch.empty(n, dtype=acc, device=dev) if with_entropy else None
+    nb = triton.cdiv(v, filter_block) if filter_block else 0
+    lmass = torch.empty((n, nb), dtype=torch.float32, device=dev) if filter_block else None
     if n == 0:
-        return logp, lse, entropy
+        return logp, lse, entropy, lmass
     # Vocabulary split: ≥ _MIN_SPLIT ranges, and ≥ ~4 programs per SM at BLOCK_N = 128.
     split = max(_MIN_SPLIT, triton.cdiv(4 * _num_sms(dev), triton.cdiv(n, 128)))
     v_range = triton.cdiv(triton.cdiv(v, split), _V_GRANULE) * _V_GRANULE
@@ -619,8 +715,12 @@ def _forward(hidden, weight, bias, labels, ignore_index, inv_temperature, with_e
         lo,
         int(ignore_index),
         _n_bucket(n),
+        lmass if lmass is not None else part,
+        nb,
         HAS_BIAS=bias is not None,
         WITH_ENTROPY=bool(with_entropy),
+        WITH_MASS=lmass is not None,
+        FB=filter_block or _V_GRANULE,
         F64=f64,
         ACC=tl_acc,
         DOT_PREC=_dot_precision(hidden.dtype),
@@ -641,7 +741,7 @@ def _forward(hidden, weight, bias, labels, ignore_index, inv_temperature, with_e
         BLOCK=block,
         num_warps=1 if _INTERPRET else 4,
     )
-    return logp, lse, entropy
+    return logp, lse, entropy, lmass
 
 
 def _chunk_columns(n: int, v: int, itemsize: int, chunk_size: int) -> int:
@@ -655,6 +755,18 @@ def _chunk_columns(n: int, v: int, itemsize: int, chunk_size: int) -> int:
     c = max(int(chunk_size), target)
     c = triton.cdiv(c, 256) * 256
     return min(c, v)
+
+
+def _addmm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc (fp32 / fp64) += a @ b for a, b in the input dtype. CUDA: one cuBLAS GEMM with fp32
+    output (bf16 / fp16 operands, fp32 accumulation and result, no rounded partial product).
+    Interpreter (CPU): the same product in acc's dtype."""
+    if acc.dtype == a.dtype:
+        acc.addmm_(a, b)
+    elif acc.is_cuda:
+        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+    else:
+        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
 
 
 def linear_logprobs_backward(
@@ -672,24 +784,30 @@ def linear_logprobs_backward(
     need_hidden: bool,
     need_weight: bool,
     need_bias: bool,
+    keep: torch.Tensor | None = None,
+    filter_block: int = 0,
+    compact: int = 0,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """-> (d_hidden (N, H) | None, d_weight (V, H) | None, d_bias (V,) | None), input dtypes.
-    `lse` is the forward's fp64 (N,) tensor."""
+    `lse` is the forward's fp64 (N,) tensor. keep (N, ceil(V / filter_block)) uint8 | None: the
+    gradient filter's mask (dz = 0 where 0; tiles every row of which dropped their block are not
+    computed, and the d_hidden / d_weight GEMMs skip them). `compact` is the cpp backend's and is
+    ignored. No host sync."""
+    del compact
     _check(hidden, weight, bias)
     assert lse.dtype == torch.float64, f"linear_logprobs (triton): lse must be float64, got {lse.dtype}"
     need_bias = bool(need_bias and bias is not None)
     with_entropy = grad_entropy is not None
     if with_entropy and entropy is None:
         raise ValueError("linear_logprobs (triton): grad_entropy given without the saved entropy")
-    n = hidden.shape[0]
-    labels = labels.contiguous()
-    idx = _valid_rows(labels, ignore_index) if n else None
-    if idx is None:
+    if keep is not None and (filter_block <= 0 or filter_block % _V_GRANULE):
+        raise ValueError(f"linear_logprobs (triton): keep needs filter_block, a multiple of {_V_GRANULE}")
+    with _device_guard(hidden):
         return _backward(
             hidden,
             weight,
             bias,
-            labels,
+            labels.contiguous(),
             lse,
             entropy,
             grad_logp,
@@ -700,29 +818,9 @@ def linear_logprobs_backward(
             need_hidden,
             need_weight,
             need_bias,
+            keep.contiguous() if keep is not None else None,
+            filter_block,
         )
-    pick = lambda x: x.index_select(0, idx) if x is not None else None
-    d_h, d_w, d_b = _backward(
-        pick(hidden),
-        weight,
-        bias,
-        labels[idx],
-        pick(lse),
-        pick(entropy),
-        pick(grad_logp),
-        pick(grad_entropy),
-        ignore_index,
-        inv_temperature,
-        chunk_size,
-        need_hidden,
-        need_weight,
-        need_bias,
-    )
-    if d_h is not None:
-        full = torch.zeros_like(hidden)
-        full[idx] = d_h
-        d_h = full
-    return d_h, d_w, d_b
 
 
 def _backward(
@@ -740,6 +838,8 @@ def _backward(
     need_hidden,
     need_weight,
     need_bias,
+    keep,
+    filter_block,
 ):
     n, h = hidden.shape
     v = weight.shape[0]
@@ -750,9 +850,14 @@ def _backward(
     if n == 0 or not (need_hidden or need_weight or need_bias):
         return (torch.zeros_like(hidden) if need_hidden else None), d_weight, d_bias
     with_entropy = grad_entropy is not None
+    has_keep = keep is not None
+    nb = keep.shape[1] if has_keep else 0
     dh_acc = torch.zeros((n, h), dtype=acc, device=dev) if need_hidden else None
     c = _chunk_columns(n, v, hidden.element_size(), chunk_size)
-    dz = torch.empty((n, c), dtype=hidden.dtype, device=dev)
+    if has_keep and c < v and c % filter_block:
+        raise ValueError("linear_logprobs (triton): the chunk must be a multiple of filter_block")
+    # Stored width: whole tiles for the readers (the last chunk of an odd vocabulary too).
+    dz = torch.empty((n, triton.cdiv(c, _PAD) * _PAD), dtype=hidden.dtype, device=dev)
     max_row_blocks = triton.cdiv(n, min(cfg.kwargs["BLOCK_N"] for cfg in _dz_configs()))
     dbp = torch.empty((max_row_blocks, c), dtype=acc, device=dev) if need_bias else lse
     hi, lo = _split_scalar(inv_temperature)
@@ -762,10 +867,13 @@ def _backward(
     grad_logp = grad_logp.contiguous()
     ent_arg = entropy.contiguous() if with_entropy else lse
     gent_arg = grad_entropy.contiguous() if with_entropy else grad_logp
+    keep_arg = keep if has_keep else labels
+    fb = filter_block or _V_GRANULE
     group = 1 if _INTERPRET else 8
     for c0 in range(0, v, c):
         cw = min(c, v - c0)
-        grid = lambda meta, cw=cw: (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(cw, meta["BLOCK_V"]),)
+        cp = triton.cdiv(cw, _PAD) * _PAD
+        grid = lambda meta, cp=cp: (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(cp, meta["BLOCK_V"]),)
         _linear_logprobs_bwd_kernel[grid](
             hidden,
             weight,
@@ -777,11 +885,14 @@ def _backward(
             gent_arg,
             dz,
             dbp,
+            keep_arg,
             n,
             v,
             h,
             c0,
             cw,
+            cp,
+            nb,
             hidden.stride(0),
             weight.stride(0),
             dz.stride(0),
@@ -793,36 +904,74 @@ def _backward(
             HAS_BIAS=bias is not None,
             WITH_ENTROPY=with_entropy,
             NEED_DBIAS=need_bias,
+            HAS_KEEP=has_keep,
+            FB=fb,
             F64=f64,
             ACC=tl_acc,
             DOT_PREC=prec,
             DOT_UPCAST=upcast,
             GROUP_N=group,
         )
-        dz_c = dz[:, :cw] if cw != c else dz
+        dz_c = dz[:, :cw]
         if need_bias:
             block_n = _linear_logprobs_bwd_kernel.best_config.kwargs["BLOCK_N"]
             d_bias[c0 : c0 + cw] = dbp[: triton.cdiv(n, block_n), :cw].sum(0)
         if need_weight:
-            torch.mm(dz_c.t(), hidden, out=d_weight[c0 : c0 + cw])
+            if has_keep:  # skip the dropped tiles
+                grid_w = lambda meta, cw=cw: (
+                    triton.cdiv(cw, meta["BLOCK_N"]) * triton.cdiv(h, meta["BLOCK_V"]),
+                )
+                _linear_logprobs_bwd_dw_kernel[grid_w](
+                    dz,
+                    hidden,
+                    d_weight,
+                    keep_arg,
+                    n,
+                    h,
+                    v,
+                    cw,
+                    c0,
+                    nb,
+                    dz.stride(0),
+                    hidden.stride(0),
+                    d_weight.stride(0),
+                    _n_bucket(n),
+                    HAS_KEEP=True,
+                    FB=fb,
+                    ACC=tl_acc,
+                    DOT_PREC=prec,
+                    DOT_UPCAST=upcast,
+                    GROUP_N=group,
+                )
+            else:  # dense: one cuBLAS GEMM, fp32 accumulation inside, written in place
+                torch.mm(dz_c.t(), hidden, out=d_weight[c0 : c0 + cw])
         if need_hidden:
-            grid_h = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(h, meta["BLOCK_V"]),)
-            _linear_logprobs_bwd_dh_kernel[grid_h](
-                dz_c,
-                weight,
-                dh_acc,
-                n,
-                h,
-                cw,
-                c0,
-                dz.stride(0),
-                weight.stride(0),
-                dh_acc.stride(0),
-                _n_bucket(n),
-                ACC=tl_acc,
-                DOT_PREC=prec,
-                DOT_UPCAST=upcast,
-                GROUP_N=group,
-            )
+            if has_keep:
+                grid_h = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(h, meta["BLOCK_V"]),)
+                _linear_logprobs_bwd_dh_kernel[grid_h](
+                    dz,
+                    weight,
+                    dh_acc,
+                    keep_arg,
+                    n,
+                    h,
+                    v,
+                    cw,
+                    cp,
+                    c0,
+                    nb,
+                    dz.stride(0),
+                    weight.stride(0),
+                    dh_acc.stride(0),
+                    _n_bucket(n),
+                    HAS_KEEP=True,
+                    FB=fb,
+                    ACC=tl_acc,
+                    DOT_PREC=prec,
+                    DOT_UPCAST=upcast,
+                    GROUP_N=group,
+                )
+            else:  # dense: cuBLAS with an fp32 result (see _addmm_fp32)
+                _addmm_fp32(dh_acc, dz_c, weight[c0 : c0 + cw])
     d_hidden = dh_acc.to(hidden.dtype) if need_hidden else None
     return d_hidden, d_weight, d_bias

@@ -25,10 +25,15 @@ def _triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def resolve_backend(backend: str, device: torch.device, op: str) -> str:
-    """Return the concrete backend for `device`; raise a clear error if it cannot run there."""
+def check_backend_name(backend: str, op: str) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+def resolve_backend(backend: str, device: torch.device, op: str) -> str:
+    """Return the concrete backend for `device`; raise a clear error if it cannot run there."""
+    check_backend_name(backend, op)
     if backend == "auto":
         if device.type == "cuda":
             return "triton" if triton_available() else "torch"
