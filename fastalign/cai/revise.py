@@ -24,6 +24,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from fastalign.cai import prompts as cai_prompts
 from fastalign.cai.config import ReviseConfig
 from fastalign.cai.constitution import Principle, load_constitution, pick
 from fastalign.cai.prompts import (
@@ -36,7 +37,6 @@ from fastalign.cai.prompts import (
     mix_seed,
     prompt_key,
     revision_messages,
-    sample_replies,
     transcript,
 )
 
@@ -98,7 +98,8 @@ def revise_batch(
 
     def sample(conversations: list[list[dict]], stage: int) -> list[str]:
         seed = mix_seed(cfg.seed, batch_no, stage)
-        texts, cut = sample_replies(model, tokenizer, conversations, cfg.generation, seed)
+        # through the module: tests (and users) may replace the sampler
+        texts, cut = cai_prompts.sample_replies(model, tokenizer, conversations, cfg.generation, seed)
         for j, c in enumerate(cut):
             truncated[j] += c
         return texts
