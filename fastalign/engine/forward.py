@@ -23,6 +23,7 @@ from fastalign.engine.engine import hidden_states as engine_hidden_states
 from fastalign.engine.gather import fused_head_params
 from fastalign.losses import sequence_logps
 from fastalign.models import decoder_hidden_states
+from fastalign.models.causal_lm import PaddingFreeUnsupported, supports_seq_lens, unwrap_model
 from fastalign.ops import linear_logprobs
 
 T = TypeVar("T")
@@ -51,21 +52,68 @@ def shifted_labels(batch: Batch) -> torch.Tensor:
     return labels[:, 1:]
 
 
+def _right_padded_lengths(attention_mask: torch.Tensor) -> list[int] | None:
+    """Row lengths of a right-padded (R, T) mask that has padding; None when there is none (a
+    padded batch is then already padding-free) or the mask is not ones-then-zeros per row."""
+    lens = attention_mask.sum(1)
+    if int(lens.min()) == attention_mask.shape[1]:
+        return None
+    ones_first = torch.arange(attention_mask.shape[1], device=lens.device)[None, :] < lens[:, None]
+    if not torch.equal(attention_mask.bool(), ones_first) or int(lens.min()) == 0:
+        return None
+    return lens.tolist()
+
+
+def _padding_free_hidden(model: torch.nn.Module, batch: Batch) -> torch.Tensor | None:
+    """(R, T, H) hidden states of a right-padded batch computed on its real tokens only: the rows
+    go through the decoder packed into one sequence (attention kept inside each row, see
+    `fastalign.models.causal_lm.VARLEN_SDPA`) and come back to (R, T, H) with zeros at the padding,
+    which the loss never reads (labels are ignored there). The padded batch gives the same values
+    (up to float rounding: other matmul shapes); it computes every layer on R·T positions where
+    this computes on sum(lengths), and keeps activations for those alone. None when it does not
+    apply (a DeepSpeed engine, another attention, no padding)."""
+    if type(model).__name__ == "DeepSpeedEngine" or not supports_seq_lens(model):
+        return None
+    mask = batch["attention_mask"]
+    lens = _right_padded_lengths(mask)
+    if lens is None:
+        return None
+    keep = mask.bool()
+    ids = batch["input_ids"][keep][None]  # (1, N): row 0's tokens, then row 1's, ...
+    pos = (mask.cumsum(1) - 1)[keep][None]  # positions restart at 0 per row
+    try:
+        h = decoder_hidden_states(model, ids, None, pos, seq_lens=tuple(lens))
+    except PaddingFreeUnsupported:
+        return None  # the model is marked: later batches go padded at once
+    r, t = mask.shape
+    where = keep.view(-1).nonzero().squeeze(1)
+    return h.new_zeros(r * t, h.shape[-1]).index_copy(0, where, h[0]).view(r, t, -1)
+
+
 def shifted_hidden_states(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     """(R, T-1, H) last hidden states predicting `shifted_labels(batch)`, without logits.
 
-    `model` may be a DeepSpeed engine: its root forward runs (lm_head skipped), as ZeRO-3 needs."""
+    `model` may be a DeepSpeed engine: its root forward runs (lm_head skipped), as ZeRO-3 needs.
+    A right-padded batch on a plain model runs padding-free (`_padding_free_hidden`)."""
     forward = engine_hidden_states if type(model).__name__ == "DeepSpeedEngine" else decoder_hidden_states
     if "seq_id" in batch:
         h = forward(model, batch["input_ids"], _packed_mask(model, batch), batch["position_ids"])
         h = _unpack(batch, h, 0.0)
     else:
-        h = forward(model, batch["input_ids"], batch["attention_mask"])
+        h = _padding_free_hidden(model, batch)
+        if h is None:
+            h = forward(model, batch["input_ids"], batch["attention_mask"])
     return h[:, :-1]
 
 
 def shifted_logits(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-    """(R, T-1, V) logits — the unfused path (`train.fused: false`), for comparison."""
+    """(R, T-1, V) logits — the unfused path (`train.fused: false`), for comparison. A batch that
+    runs padding-free takes the same hidden states as the fused path, then the model's lm_head
+    module (full logits, LoRA on the head included)."""
+    if "seq_id" not in batch:
+        h = _padding_free_hidden(model, batch)
+        if h is not None:
+            return unwrap_model(model).get_output_embeddings()(h[:, :-1])
     if "seq_id" in batch:
         logits = model(
             input_ids=batch["input_ids"],
@@ -74,7 +122,9 @@ def shifted_logits(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
         ).logits
         logits = _unpack(batch, logits, 0.0)
     else:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+        ).logits
     return logits[:, :-1]
 
 

@@ -59,6 +59,76 @@ def resolve_attn_implementation(
     return attn_implementation
 
 
+# ---------------------------------------------------------------------------------------------
+# padding-free batches with sdpa: per-row causal attention over rows packed into one sequence
+# ---------------------------------------------------------------------------------------------
+VARLEN_SDPA = "fastalign_sdpa"
+"""The attention implementation `load_causal_lm` gives a model that would get "sdpa": transformers'
+sdpa for every ordinary call, plus padding-free batches (`decoder_hidden_states(..., seq_lens=)`)."""
+_varlen_calls = [0]  # attention calls that took the padding-free path (to catch a model that drops the kwarg)
+
+
+def _sdpa_varlen(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
+                 fastalign_seq_lens=None, **kwargs):  # fmt: skip
+    """transformers' sdpa attention, and with `fastalign_seq_lens` (lengths of the rows packed into
+    the single sequence of `query`, (1, heads, N, d)) causal attention inside each row only.
+
+    Why: a right-padded (R, T) batch computes every layer on R·T positions, and for preference
+    batches (prompt + chosen / rejected of different lengths) half of them or more are padding.
+    Packed, the linear layers see only the real tokens; sdpa's `is_causal` per row keeps each row
+    to itself without an (N, N) mask (a block-diagonal mask would send sdpa to its math kernel
+    and cost N² memory and work). This is what flash_attention_2's varlen kernels do on CUDA."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if fastalign_seq_lens is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, is_causal=is_causal, **kwargs)  # fmt: skip
+    if kwargs.get("s_aux") is not None:
+        raise NotImplementedError("padding-free attention: attention sinks (s_aux) are not supported")
+    _varlen_calls[0] += 1
+    window = getattr(module, "sliding_window", None)
+    gqa = query.shape[1] != key.shape[1]
+    outs, start = [], 0
+    for n in fastalign_seq_lens:
+        q, k, v = (t[:, :, start : start + n] for t in (query, key, value))
+        mask = None
+        if window is not None and n > window:  # a sliding-window layer and a row longer than its window
+            i = torch.arange(n, device=query.device)
+            mask = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < window)
+        outs.append(
+            torch.nn.functional.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=mask,
+                dropout_p=dropout,
+                is_causal=mask is None,
+                scale=scaling,
+                enable_gqa=gqa,
+            )
+        )
+        start += n
+    return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None  # (1, N, heads, d), as sdpa's
+
+
+def _register_varlen_sdpa() -> None:
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import sdpa_mask
+
+    if VARLEN_SDPA not in AttentionInterface._global_mapping:
+        AttentionInterface.register(VARLEN_SDPA, _sdpa_varlen)
+        AttentionMaskInterface.register(VARLEN_SDPA, sdpa_mask)  # ordinary calls get sdpa's masks
+
+
+def supports_seq_lens(model) -> bool:
+    """Whether `decoder_hidden_states(model, ..., seq_lens=...)` can run a padding-free batch."""
+    base = unwrap_model(model)
+    config = getattr(base, "config", None)
+    return getattr(config, "_attn_implementation", None) == VARLEN_SDPA and not getattr(
+        base, "_fastalign_no_varlen", False
+    )
+
+
 def _pretrained_kwargs(gguf_file, dtype, attn_implementation, device, trust_remote_code) -> dict[str, Any]:
     return {
         "gguf_file": gguf_file,
@@ -183,6 +253,11 @@ def load_causal_lm(
     check_model_files(folder, gguf_file)
     kw = _pretrained_kwargs(gguf_file, dtype, attn_implementation, device, trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(folder, **kw)
+    if kw["attn_implementation"] == "sdpa":
+        # the same sdpa for every ordinary call, plus padding-free training batches (`_sdpa_varlen`);
+        # the name is not written to config.json (transformers does not serialise it)
+        _register_varlen_sdpa()
+        model.set_attn_implementation(VARLEN_SDPA)
     return prepare_model(
         model, gradient_checkpointing=gradient_checkpointing, lora=lora, task_type="CAUSAL_LM", device=device
     )
@@ -228,19 +303,49 @@ def lm_head_weight(model) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 
 def decoder_hidden_states(
-    model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, position_ids=None
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    position_ids=None,
+    seq_lens: tuple[int, ...] | None = None,
 ) -> torch.Tensor:
     """(B, T, H) final hidden states after the final norm, without computing the lm_head logits.
 
     Runs the model's decoder stack (`get_decoder()`); a 4-D `attention_mask` (B, 1, T, T) —
     boolean or additive float, e.g. block-diagonal for packed sequences with per-sequence
     `position_ids` — is passed through unchanged. LoRA layers and gradient checkpointing apply as
-    in the full forward since they live inside the decoder."""
+    in the full forward since they live inside the decoder.
+
+    `seq_lens`: `input_ids` is (1, N), rows of these lengths packed one after another, with
+    `position_ids` restarting at 0 per row and no mask; each row attends only within itself (a
+    model loaded with `VARLEN_SDPA`, see `supports_seq_lens`). A model whose layers do not pass
+    the keyword on to their attention is caught (no attention call saw it) and refused, rather
+    than letting rows attend to each other."""
     base = unwrap_model(model)
     decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
     if decoder is None or decoder is base:
         raise ValueError(f"decoder_hidden_states: cannot find the decoder stack of {type(base).__name__}")
+    extra = {}
+    if seq_lens is not None:
+        if not supports_seq_lens(model):
+            raise ValueError("decoder_hidden_states: seq_lens needs a model loaded with attention 'sdpa'")
+        extra = {"fastalign_seq_lens": tuple(int(n) for n in seq_lens)}
+        calls = _varlen_calls[0]
     out = decoder(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        use_cache=False,
+        **extra,
     )
+    if seq_lens is not None and _varlen_calls[0] == calls:
+        base._fastalign_no_varlen = True  # callers fall back to padded batches from now on
+        raise PaddingFreeUnsupported(
+            f"{type(base).__name__}: its layers do not pass keyword arguments on to the attention, so a "
+            "padding-free batch cannot be kept inside its rows"
+        )
     return out.last_hidden_state  # (B, T, H)
+
+
+class PaddingFreeUnsupported(RuntimeError):
+    """`decoder_hidden_states(..., seq_lens=...)` on a model that ignored the rows' boundaries."""
