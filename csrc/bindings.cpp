@@ -18,12 +18,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("ignore_index"), py::arg("inv_temperature"));
   m.def("linear_logprobs_fwd", &fastalign::linear_logprobs_fwd, "linear log-probs forward", py::arg("hidden"),
         py::arg("weight"), py::arg("bias"), py::arg("labels"), py::arg("ignore_index"), py::arg("inv_temperature"),
-        py::arg("with_entropy"), py::arg("chunk_size"), py::arg("filter_block"));
+        py::arg("with_entropy"), py::arg("chunk_size"), py::arg("filter_block"), py::arg("order"));
   m.def("linear_logprobs_bwd", &fastalign::linear_logprobs_bwd, "linear log-probs backward", py::arg("hidden"),
         py::arg("weight"), py::arg("bias"), py::arg("labels"), py::arg("lse"), py::arg("entropy"),
         py::arg("grad_logp"), py::arg("grad_entropy"), py::arg("ignore_index"), py::arg("inv_temperature"),
         py::arg("chunk_size"), py::arg("need_hidden"), py::arg("need_weight"), py::arg("need_bias"),
-        py::arg("keep"), py::arg("filter_block"), py::arg("compact"));
+        py::arg("keep"), py::arg("filter_block"), py::arg("compact"), py::arg("order"));
   m.def("gae_fwd", &fastalign::gae_fwd, "generalised advantage estimation (reverse scan per row)",
         py::arg("rewards"), py::arg("values"), py::arg("mask"), py::arg("gamma"), py::arg("lam"));
 }

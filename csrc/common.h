@@ -541,13 +541,14 @@ at::Tensor token_logprobs_bwd(const at::Tensor& logits, const at::Tensor& labels
 std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>> linear_logprobs_fwd(
     const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& labels, int64_t ignore_index, double inv_temperature, bool with_entropy,
-    int64_t chunk_size, int64_t filter_block);
+    int64_t chunk_size, int64_t filter_block, const std::optional<at::Tensor>& order);
 
 std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>> linear_logprobs_bwd(
     const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& labels, const at::Tensor& lse, const std::optional<at::Tensor>& entropy,
     const at::Tensor& grad_logp, const std::optional<at::Tensor>& grad_entropy, int64_t ignore_index,
     double inv_temperature, int64_t chunk_size, bool need_hidden, bool need_weight, bool need_bias,
-    const std::optional<at::Tensor>& keep, int64_t filter_block, int64_t compact);
+    const std::optional<at::Tensor>& keep, int64_t filter_block, int64_t compact,
+    const std::optional<at::Tensor>& order);
 
 }  // namespace fastalign

@@ -31,6 +31,11 @@
 //     lose most of their speed on narrow blocks (a 256-column (R, 576) GEMM ran at a third of
 //     the rate of a 2048-column one on the 2-core Xeon), so per-(row, 256-block) gathers did
 //     not pay.
+//   order (V,) int64, optional, forward and backward: tiles walk the vocabulary in this order
+//     (tile column j is weight row order[j]; labels, lmass and keep are in these positions, the
+//     op maps them); d_W / d_b rows are written back to their own rows. The op sorts by the
+//     batch's mean logit so that the probable tokens share tiles, and more (row, tile) pairs can
+//     be left out.
 #include "common.h"
 
 namespace fastalign {
@@ -43,26 +48,39 @@ at::ScalarType tile_dtype(at::ScalarType t) { return t == at::kHalf ? at::kFloat
 struct TileWalker {
   at::Tensor hidden_c;           // hidden in the tile dtype
   const at::Tensor& weight;      // (V, H), input dtype
-  std::optional<at::Tensor> bias_c;  // bias in the tile dtype
+  std::optional<at::Tensor> bias_c;  // bias in the tile dtype (in vocabulary order when ordered)
   at::Tensor buf;                // N * chunk elements, tile dtype
-  at::Tensor wbuf;               // chunk x H, only when the weight needs a dtype change
+  at::Tensor wbuf;               // chunk x H, when the weight needs a dtype change or a gather
+  at::Tensor order;              // (V,) int64 or undefined: tile column j is vocabulary row order[j]
   int64_t n, chunk;
 
-  TileWalker(const at::Tensor& hidden, const at::Tensor& w, const std::optional<at::Tensor>& bias, int64_t chunk_)
+  TileWalker(const at::Tensor& hidden, const at::Tensor& w, const std::optional<at::Tensor>& bias, int64_t chunk_,
+             const std::optional<at::Tensor>& order_ = std::nullopt)
       : weight(w), n(hidden.size(0)), chunk(std::max<int64_t>(1, std::min(chunk_, w.size(0)))) {
     const auto td = tile_dtype(hidden.scalar_type());
     hidden_c = hidden.to(td);
-    if (bias) bias_c = bias->to(td);
+    if (order_) order = *order_;
+    if (bias) bias_c = order.defined() ? bias->index_select(0, order).to(td) : bias->to(td);
     buf = at::empty({n * chunk}, hidden.options().dtype(td));
-    if (td != w.scalar_type()) wbuf = at::empty({chunk * w.size(1)}, w.options().dtype(td));
+    if (td != w.scalar_type() || order.defined()) wbuf = at::empty({chunk * w.size(1)}, w.options().dtype(td));
   }
 
-  // Weight rows [v0, v0 + vc) in the tile dtype.
+  // Vocabulary rows of tile positions [v0, v0 + vc).
+  at::Tensor rows(int64_t v0, int64_t vc) const { return order.narrow(0, v0, vc); }
+
+  // Weight rows of positions [v0, v0 + vc) in the tile dtype.
   at::Tensor weight_tile(int64_t v0, int64_t vc) {
-    at::Tensor w = weight.narrow(0, v0, vc);
-    if (!wbuf.defined()) return w;
+    if (!wbuf.defined()) return weight.narrow(0, v0, vc);
     at::Tensor wc = wbuf.narrow(0, 0, vc * weight.size(1)).view({vc, weight.size(1)});
-    wc.copy_(w);
+    if (order.defined()) {
+      if (weight.scalar_type() == wc.scalar_type()) {
+        at::index_select_out(wc, weight, 0, rows(v0, vc));
+      } else {
+        wc.copy_(weight.index_select(0, rows(v0, vc)));
+      }
+    } else {
+      wc.copy_(weight.narrow(0, v0, vc));
+    }
     return wc;
   }
 
@@ -77,6 +95,14 @@ struct TileWalker {
     return tile;
   }
 };
+
+// order: a permutation of the V vocabulary rows (int64, CPU, contiguous), or none.
+void check_order(const std::optional<at::Tensor>& order, int64_t vocab) {
+  if (!order) return;
+  check_cpu_contig(*order, "order");
+  TORCH_CHECK(order->scalar_type() == at::kLong && order->dim() == 1 && order->size(0) == vocab,
+              "fastalign: order must be an int64 permutation of the ", vocab, " vocabulary rows");
+}
 
 void check_linear_inputs(const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                          const at::Tensor& labels, int64_t chunk_size) {
@@ -198,8 +224,9 @@ void grad_tile(at::Tensor& tile, int64_t v0, const int64_t* lab, int64_t ignore_
 std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>> linear_logprobs_fwd(
     const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& labels, int64_t ignore_index, double inv_temperature, bool with_entropy,
-    int64_t chunk_size, int64_t filter_block) {
+    int64_t chunk_size, int64_t filter_block, const std::optional<at::Tensor>& order) {
   check_linear_inputs(hidden, weight, bias, labels, chunk_size);
+  check_order(order, weight.size(0));
   TORCH_CHECK(inv_temperature > 0.0, "fastalign: inv_temperature must be > 0");
   TORCH_CHECK(filter_block >= 0, "fastalign: filter_block must be >= 0");
   const int64_t n = hidden.size(0), vocab = weight.size(0);
@@ -215,7 +242,7 @@ std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>, std::optional<at::
   std::vector<RowStats> stats(static_cast<size_t>(n));
   std::vector<double> zlab(static_cast<size_t>(n), 0.0);
   const int64_t* lab = labels.data_ptr<int64_t>();
-  TileWalker walk(hidden, weight, bias, chunk_size);
+  TileWalker walk(hidden, weight, bias, chunk_size, order);
   TORCH_CHECK(fb == 0 || walk.chunk % fb == 0 || walk.chunk == vocab,
               "fastalign: chunk_size must be a multiple of filter_block");
   float* lm = fb > 0 ? lmass->data_ptr<float>() : nullptr;
@@ -282,17 +309,20 @@ void scatter_add_rows(at::Tensor& acc, const int64_t* rows, int64_t r, const at:
 template <class Grad>
 void tile_backward(const at::Tensor& hid, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                    int64_t chunk_size, Grad& grad, bool need_hidden, bool need_weight, bool need_bias,
-                   const uint8_t* keep, int64_t fb, int64_t nb, int64_t compact, at::Tensor& dh_acc,
-                   std::optional<at::Tensor>& d_weight, std::optional<at::Tensor>& d_bias, int64_t& tiles_compacted) {
+                   const uint8_t* keep, int64_t fb, int64_t nb, int64_t compact, const std::optional<at::Tensor>& order,
+                   at::Tensor& dh_acc, std::optional<at::Tensor>& d_weight, std::optional<at::Tensor>& d_bias,
+                   int64_t& tiles_compacted) {
   const int64_t n = hid.size(0), hdim = hid.size(1), vocab = weight.size(0);
   const auto in_dt = hid.scalar_type();
   const auto acc = acc_dtype(in_dt);
-  TileWalker walk(hid, weight, bias, chunk_size);
+  TileWalker walk(hid, weight, bias, chunk_size, order);
   const auto td = walk.buf.scalar_type();
-  // Products in the tile dtype that cannot be written straight into their destination.
+  const bool ordered = order.has_value();
+  // Products that cannot be written straight into their destination (another dtype, or rows of
+  // d_W / d_b scattered to their vocabulary positions).
   at::Tensor dh_part, dw_part, h_rows;
   if (need_hidden && (td != acc || (keep && compact > 0))) dh_part = at::empty({n * hdim}, hid.options().dtype(td));
-  if (need_weight && td != in_dt) dw_part = at::empty({walk.chunk * hdim}, hid.options().dtype(td));
+  if (need_weight && (td != in_dt || ordered)) dw_part = at::empty({walk.chunk * hdim}, hid.options().dtype(td));
   if (keep && compact > 0) h_rows = at::empty({n * hdim}, hid.options().dtype(td));
   if (need_hidden) dh_acc.zero_();
   std::vector<int64_t> rows(static_cast<size_t>(keep ? n : 0));
@@ -311,8 +341,13 @@ void tile_backward(const at::Tensor& hid, const at::Tensor& weight, const std::o
       }
       const bool worth = compact == 1 ? r < n : r * 100 <= n * 85;
       if (r == 0) {  // nobody keeps this tile: its d_W / d_b rows are exactly 0
-        if (need_weight) d_weight->narrow(0, v0, vc).zero_();
-        if (need_bias) d_bias->narrow(0, v0, vc).zero_();
+        if (ordered) {
+          if (need_weight) d_weight->index_fill_(0, walk.rows(v0, vc), 0);
+          if (need_bias) d_bias->index_fill_(0, walk.rows(v0, vc), 0);
+        } else {
+          if (need_weight) d_weight->narrow(0, v0, vc).zero_();
+          if (need_bias) d_bias->narrow(0, v0, vc).zero_();
+        }
         ++tiles_compacted;
         continue;
       }
@@ -334,12 +369,16 @@ void tile_backward(const at::Tensor& hid, const at::Tensor& weight, const std::o
     }
     grad(dz, v0, sub ? rows.data() : nullptr);
     if (need_weight) {
-      at::Tensor dst = d_weight->narrow(0, v0, vc);
       if (dw_part.defined()) {
         at::Tensor part = dw_part.narrow(0, 0, vc * hdim).view({vc, hdim});
         at::mm_out(part, dz.t(), h_t);
-        dst.copy_(part);
+        if (ordered) {
+          d_weight->index_copy_(0, walk.rows(v0, vc), part.scalar_type() == in_dt ? part : part.to(in_dt));
+        } else {
+          d_weight->narrow(0, v0, vc).copy_(part);
+        }
       } else {
+        at::Tensor dst = d_weight->narrow(0, v0, vc);
         at::mm_out(dst, dz.t(), h_t);
       }
     }
@@ -363,11 +402,13 @@ void tile_backward(const at::Tensor& hid, const at::Tensor& weight, const std::o
       }
     }
     if (need_bias) {
-      at::Tensor dst = d_bias->narrow(0, v0, vc);
-      if (td == in_dt) {
+      if (ordered) {
+        d_bias->index_copy_(0, walk.rows(v0, vc), dz.sum(0).to(in_dt));
+      } else if (td == in_dt) {
+        at::Tensor dst = d_bias->narrow(0, v0, vc);
         at::sum_out(dst, dz, {0});
       } else {
-        dst.copy_(dz.sum(0));
+        d_bias->narrow(0, v0, vc).copy_(dz.sum(0));
       }
     }
   }
@@ -380,8 +421,10 @@ std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<a
     const at::Tensor& labels, const at::Tensor& lse, const std::optional<at::Tensor>& entropy,
     const at::Tensor& grad_logp, const std::optional<at::Tensor>& grad_entropy, int64_t ignore_index,
     double inv_temperature, int64_t chunk_size, bool need_hidden, bool need_weight, bool need_bias,
-    const std::optional<at::Tensor>& keep, int64_t filter_block, int64_t compact) {
+    const std::optional<at::Tensor>& keep, int64_t filter_block, int64_t compact,
+    const std::optional<at::Tensor>& order) {
   check_linear_inputs(hidden, weight, bias, labels, chunk_size);
+  check_order(order, weight.size(0));
   TORCH_CHECK(entropy.has_value() == grad_entropy.has_value(),
               "fastalign: entropy and grad_entropy must be given together");
   TORCH_CHECK(!need_bias || bias.has_value(), "fastalign: need_bias without a bias");
@@ -463,7 +506,7 @@ std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<a
 
   int64_t tiles_compacted = 0;
   tile_backward(hid, weight, bias, chunk_size, dispatch_grad, need_hidden, need_weight, need_bias, kp, fb, nb, compact,
-                dh_acc, d_weight, d_bias, tiles_compacted);
+                order, dh_acc, d_weight, d_bias, tiles_compacted);
   if (need_hidden) {
     at::Tensor dh = dh_acc.scalar_type() == in_dt ? dh_acc : dh_acc.to(in_dt);
     d_hidden = rows.defined() ? at::zeros_like(hidden, at::MemoryFormat::Contiguous).index_copy_(0, rows, dh) : dh;

@@ -20,35 +20,52 @@ the H200's 132 SMs. Splitting V into SPLIT ≥ 16 ranges gives ≥ 4 waves of pr
 the programs row-block-major means the ~132 programs resident at once touch only ~132/SPLIT row
 blocks of `hidden` (≈ 8 MiB at H = 4096) — these stay in the 50 MB L2 across all their vocabulary
 tiles — while each weight tile fetched from HBM is shared by the programs of its range: the same
-L2 grouping a good GEMM schedule uses. No gradient work happens in the forward.
+L2 grouping a good GEMM schedule uses. No gradient work happens in the forward; when the op's
+gradient filter is on (and a gradient is needed) it also stores, per row, the log-mass
+log Σ e^{z} of every block of FB = 256 vocabulary columns (ranges and tiles divide FB).
 
 Backward: materialising dz in registers and scattering both weight-gradient products with
-atomics (the ml-cross-entropy way, without its gradient filtering) would issue (BLOCK_N+BLOCK_V)·H
-fp32 atomics per tile: N·H·V/BLOCK_V + V·H·N/BLOCK_N adds — ~270 GB of L2 atomics for N = 8k,
-V = 256k, H = 4k against ~53 ms of bf16 tensor-core work, i.e. atomic-bound by several times on
-an H200. Instead the vocabulary is walked in chunks of C columns (C picked so the chunk buffer is
-~128 MiB, 1k-8k columns): `_linear_logprobs_bwd_kernel` recomputes each (BLOCK_N, BLOCK_V) logits
-tile with `tl.dot`, forms dz in registers and stores it once, in the input dtype, into an
-(N, C) buffer (plus exact fp32 column sums for d bias); then `_linear_logprobs_bwd_dh_kernel`
-accumulates d hidden += dz @ weight[chunk] in an fp32 buffer (plain read-modify-write, each
-program owns its output tile: no atomics), and d weight[chunk] = dzᵀ @ hidden is one cuBLAS
-`torch.mm` written straight into the gradient (fp32 accumulation inside). The dz round trip is
-~3·N·V·2 bytes, ~13 GB at the shape above (~3 ms of HBM time against ~53 ms of matmul), every
-matmul runs on tensor cores at GEMM tile sizes, nothing is atomic and the result is
-deterministic. The full logits and the full dz never exist; peak extra memory is one (N, C) dz
-chunk plus the fp32 d hidden buffer. `chunk_size` from the op is honoured as a lower bound on C
-on a GPU (exactly, under the interpreter, so tests can cover several chunks).
+atomics (the ml-cross-entropy way) would issue (BLOCK_N+BLOCK_V)·H fp32 atomics per tile:
+N·H·V/BLOCK_V + V·H·N/BLOCK_N adds — ~270 GB of L2 atomics for N = 8k, V = 256k, H = 4k against
+~53 ms of bf16 tensor-core work, i.e. atomic-bound by several times on an H200. Instead the
+vocabulary is walked in chunks of C columns (C picked so the chunk buffer is ~128 MiB, 1k-8k
+columns): `_linear_logprobs_bwd_kernel` recomputes each (BLOCK_N, BLOCK_V) logits tile with
+`tl.dot`, forms dz in registers and stores it once, in the input dtype, into an (N, C) buffer
+(plus exact fp32 column sums for d bias). The two products then read that buffer:
 
-Rows whose label is `ignore_index` (prompt / padding tokens) are dropped before any kernel runs
-(index_select of the valid rows; their outputs are exactly 0, lse 0, and their gradients 0), so
-they cost no matmul work. This needs the count of valid rows on the host: one sync per call,
-like the label check the op already does.
+- exact (no gradient filter): both are dense GEMMs, so both go to cuBLAS — d weight[chunk] =
+  dzᵀ @ hidden written straight into the gradient, and d hidden += dz @ weight[chunk] as
+  `torch.addmm(..., out_dtype=float32)` into the fp32 accumulator (bf16 operands, fp32
+  accumulation and result, no rounded partial product). cuBLAS is at least as fast as a Triton
+  GEMM on these shapes, needs no autotuning, and so nothing re-tunes when the valid-row count
+  (hence C) changes from step to step.
+- filtered (`keep` mask from the op's grad filter, blocks of FB = 256 columns): the dz kernel
+  skips — recompute included — every tile whose rows all dropped its block (it stores zeros),
+  and zeroes the dropped rows of the others; `_linear_logprobs_bwd_dh_kernel` (d hidden += dz @
+  weight, each program owning its output tile: no atomics) and `_linear_logprobs_bwd_dw_kernel`
+  (d weight = dzᵀ @ hidden) skip every K step whose block all their rows dropped. Their
+  autotune key is the model shape (H, V) and an N bucket, never C.
+
+The dz round trip is ~3·N·V·2 bytes, ~13 GB at the shape above (~3 ms of HBM time against
+~53 ms of matmul), every matmul runs on tensor cores at GEMM tile sizes, nothing is atomic and the
+result is deterministic. The full logits and the full dz never exist; peak extra memory is one
+(N, C) dz chunk plus the fp32 d hidden buffer. The chunk is stored C_PAD wide (whole multiples of
+256 columns, zeros past the vocabulary), so the last chunk of an odd vocabulary (50257) keeps
+unmasked, vectorised dz loads. `chunk_size` from the op is honoured as a lower bound on C on a
+GPU (exactly, under the interpreter, so tests can cover several chunks).
+
+The op (fastalign/ops/linear_logprobs.py) drops ignored rows before calling the launchers when
+it validates the labels (one host sync for both); the launchers themselves never sync, and with
+`validate=False` the kernels compute every row and zero the ignored ones (their labels mask
+them). Every launch runs under `torch.cuda.device(hidden.device)`.
 
 Tiles (Hopper): 128×128 tiles (128×256 for the dz kernel) with BLOCK_K = 64, 8 warps (two
 warpgroups issuing wgmma), 3-4 cp.async pipeline stages (4·(128+128)·64·2 B = 128 KiB of shared
 memory for bf16; 3·(128+256)·64·2 B = 144 KiB), plus 64-row tiles for small N. Every bf16/fp16
 config was compiled offline for sm_90 (triton.compile with a GPUTarget, no GPU needed): HGMMA in
-the SASS, 181-255 registers, no spills. Configs whose operand tiles exceed the shared-memory
+the SASS, 181-255 registers, no spills (before the gradient filter: the filtered branches and
+`_linear_logprobs_bwd_dw_kernel` have not been compiled for sm_90 yet). Configs whose operand
+tiles exceed the shared-memory
 budget are pruned per dtype, and 4-/8-byte dtypes (FMA / DMMA dots) keep only the 64×64 tile.
 Autotuned per (V, H, N bucket, dtype): N varies every step, so only its rough size is part of
 the key. bf16 / fp16 operands go to tl.dot as they are, with fp32 accumulation; fp32 operands
@@ -81,7 +98,7 @@ def _cfg(bn: int, bv: int, bk: int, warps: int, stages: int) -> triton.Config:
     return triton.Config({"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
 
 
-def _fwd_configs() -> list[triton.Config]:
+def _fwd_configs(every: bool = False) -> list[triton.Config]:
     """Forward: logits tiles of (BLOCK_N, BLOCK_V), K loop over H, then the online-statistics
     epilogue. 128×256 is left out: with the loop-carried row statistics it spills at 255
     registers (checked in the sm_90 cubin); 128×128 with 8 warps fits in 255 without spills."""
@@ -93,10 +110,10 @@ def _fwd_configs() -> list[triton.Config]:
         _cfg(64, 128, 64, 4, 4),
         _cfg(64, 64, 32, 4, 3),  # small N; the only one kept for fp32 / fp64 operands
     ]
-    return configs if _AUTOTUNE else configs[-1:]
+    return configs if _AUTOTUNE or every else configs[-1:]  # every: the GPU tests force each one
 
 
-def _dz_configs() -> list[triton.Config]:
+def _dz_configs(every: bool = False) -> list[triton.Config]:
     """Backward dz tiles: no loop-carried statistics, so 128×256 fits (255 registers, no spill)."""
     if _INTERPRET:
         return [_cfg(16, 32, 16, 1, 1)]
@@ -106,10 +123,10 @@ def _dz_configs() -> list[triton.Config]:
         _cfg(64, 128, 64, 4, 4),
         _cfg(64, 64, 32, 4, 3),
     ]
-    return configs if _AUTOTUNE else configs[-1:]
+    return configs if _AUTOTUNE or every else configs[-1:]  # every: the GPU tests force each one
 
 
-def _dh_configs() -> list[triton.Config]:
+def _dh_configs(every: bool = False) -> list[triton.Config]:
     """d hidden GEMM: output tiles of (BLOCK_N, BLOCK_V = hidden columns), K loop over the chunk.
     128×256 is left out: the fp32 running-sum tile makes it spill (64 B of stack on sm_90)."""
     if _INTERPRET:
@@ -120,7 +137,7 @@ def _dh_configs() -> list[triton.Config]:
         _cfg(64, 128, 64, 4, 4),
         _cfg(64, 64, 32, 4, 3),
     ]
-    return configs if _AUTOTUNE else configs[-1:]
+    return configs if _AUTOTUNE or every else configs[-1:]  # every: the GPU tests force each one
 
 
 # Vocabulary ranges of the forward split are multiples of this (every BLOCK_V divides it), and so
@@ -663,15 +680,20 @@ def linear_logprobs_forward(
     with_entropy: bool,
     chunk_size: int,
     filter_block: int = 0,
+    order: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """hidden (N, H), weight (V, H), bias (V,) | None, labels (N,) int64 -> logp, lse,
     entropy-or-None, lmass-or-None: logp and entropy (N,) fp32 (fp64 for fp64 inputs), lse (N,)
     fp64 for every dtype (0 on ignored rows); with filter_block = B > 0, lmass (N, ceil(V / B))
     fp32, the log Σ e^{z} of each block of B vocabulary columns (B a multiple of 256).
     `chunk_size` is not used: the forward picks its own tiles (autotuned) and splits. Every row
-    is computed (the op drops ignored rows beforehand when it may sync); no host sync here."""
+    is computed (the op drops ignored rows beforehand when it may sync); no host sync here.
+    `order` (a vocabulary order for the filter's blocks) is not supported: the kernels walk the
+    vocabulary in its own order, and the op never asks for another."""
     del chunk_size
     _check(hidden, weight, bias)
+    if order is not None:
+        raise NotImplementedError("linear_logprobs (triton): a vocabulary order is not supported")
     if filter_block and filter_block % _V_GRANULE:
         raise ValueError(f"linear_logprobs (triton): filter_block must be a multiple of {_V_GRANULE}")
     with _device_guard(hidden):
@@ -787,14 +809,17 @@ def linear_logprobs_backward(
     keep: torch.Tensor | None = None,
     filter_block: int = 0,
     compact: int = 0,
+    order: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """-> (d_hidden (N, H) | None, d_weight (V, H) | None, d_bias (V,) | None), input dtypes.
     `lse` is the forward's fp64 (N,) tensor. keep (N, ceil(V / filter_block)) uint8 | None: the
     gradient filter's mask (dz = 0 where 0; tiles every row of which dropped their block are not
     computed, and the d_hidden / d_weight GEMMs skip them). `compact` is the cpp backend's and is
-    ignored. No host sync."""
+    ignored; `order` is not supported (see linear_logprobs_forward). No host sync."""
     del compact
     _check(hidden, weight, bias)
+    if order is not None:
+        raise NotImplementedError("linear_logprobs (triton): a vocabulary order is not supported")
     assert lse.dtype == torch.float64, f"linear_logprobs (triton): lse must be float64, got {lse.dtype}"
     need_bias = bool(need_bias and bias is not None)
     with_entropy = grad_entropy is not None

@@ -49,7 +49,7 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _AUTOTUNE = os.environ.get("FASTALIGN_TRITON_AUTOTUNE", "1") != "0"
 
 
-def _fwd_configs() -> list[triton.Config]:
+def _fwd_configs(every: bool = False) -> list[triton.Config]:
     if _INTERPRET:
         return [triton.Config({"BLOCK_V": 64}, num_warps=1)]
     configs = [
@@ -58,10 +58,10 @@ def _fwd_configs() -> list[triton.Config]:
         triton.Config({"BLOCK_V": 4096}, num_warps=16, num_stages=2),
         triton.Config({"BLOCK_V": 8192}, num_warps=16, num_stages=2),
     ]
-    return configs if _AUTOTUNE else configs[:1]
+    return configs if _AUTOTUNE or every else configs[:1]  # every: the GPU tests force each one
 
 
-def _bwd_configs() -> list[triton.Config]:
+def _bwd_configs(every: bool = False) -> list[triton.Config]:
     if _INTERPRET:
         return [triton.Config({"BLOCK_V": 64}, num_warps=1)]
     configs = [
@@ -70,7 +70,7 @@ def _bwd_configs() -> list[triton.Config]:
         triton.Config({"BLOCK_V": 4096}, num_warps=8),
         triton.Config({"BLOCK_V": 8192}, num_warps=16),
     ]
-    return configs if _AUTOTUNE else configs[:1]
+    return configs if _AUTOTUNE or every else configs[:1]  # every: the GPU tests force each one
 
 
 @triton.autotune(configs=_fwd_configs(), key=["V"])

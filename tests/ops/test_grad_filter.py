@@ -49,7 +49,26 @@ def grads(fn, hidden, weight, bias, labels, g, gh, **kw):
     return [out[0].detach(), out[1].detach()] + [t.grad if t is not None else None for t in leaves]
 
 
-def masked_reference(hidden, weight, bias, labels, g, gh, keep, temperature):
+def drop_mask(keep: torch.Tensor, order: torch.Tensor | None, v: int) -> torch.Tensor:
+    """(N, V) bool: the entries the filter dropped, in vocabulary columns. The blocks follow
+    `order` (the backend's vocabulary order) when there is one."""
+    drop = (keep == 0).repeat_interleave(FILTER_BLOCK, 1)[:, :v]  # by position
+    if order is None:
+        return drop
+    out = torch.empty_like(drop)
+    out[:, order] = drop  # position j holds vocabulary row order[j]
+    return out
+
+
+def label_blocks(labels: torch.Tensor, order: torch.Tensor | None) -> torch.Tensor:
+    if order is None:
+        return labels // FILTER_BLOCK
+    pos = torch.empty_like(order)
+    pos[order] = torch.arange(order.numel())
+    return pos[labels] // FILTER_BLOCK
+
+
+def masked_reference(hidden, weight, bias, labels, g, gh, keep, temperature, order=None):
     """float64 gradients with dz = 0 on the (row, block) pairs that keep drops: what a filtered
     backward must compute (up to its dtype's rounding)."""
     h64, w64 = hidden.double(), weight.double()
@@ -64,7 +83,7 @@ def masked_reference(hidden, weight, bias, labels, g, gh, keep, temperature):
     dz = -gg * p - hh * p * (logp + ent[:, None])
     dz[valid, labels[valid]] += gg[valid, 0]
     dz /= temperature
-    drop = (keep == 0).repeat_interleave(FILTER_BLOCK, 1)[:, : weight.shape[0]]
+    drop = drop_mask(keep, order, weight.shape[0])
     dz = dz.masked_fill(drop, 0.0)
     return dz @ w64, dz.T @ h64, dz.sum(0) if bias is not None else None, p, ent
 
@@ -142,7 +161,7 @@ def _bound_check(backend, dtype, budget, temperature, chunk=None):
     assert st["max_dropped_mass"] <= budget * (1 + 1e-5)
     keep = st["keep"]
     valid = labels != -100
-    lab_block = labels[valid] // FILTER_BLOCK
+    lab_block = label_blocks(labels[valid], st["order"])
     assert keep[valid].gather(1, lab_block[:, None]).all()  # the label's block is always kept
     assert (keep[~valid] == 0).all()
 
@@ -254,7 +273,7 @@ def test_filtered_gradient_equals_masked_float64(backend, compact, dtype, monkey
     if compact is not None:
         assert st["compact"] == compact
     assert 0 < st["skipped_fraction"] < 1
-    d_h, d_w, d_b, _, _ = masked_reference(hidden, weight, b, labels, g, gh, st["keep"], 0.9)
+    d_h, d_w, d_b, _, _ = masked_reference(hidden, weight, b, labels, g, gh, st["keep"], 0.9, st["order"])
     plain = grads(linear_logprobs_reference, hidden, weight, b, labels, g, gh, temperature=0.9)
     truth = grads(
         linear_logprobs_reference,
@@ -275,7 +294,7 @@ def test_filtered_gradient_equals_masked_float64(backend, compact, dtype, monkey
         atol = (2e-5 if dtype == torch.float32 else 2e-3) * max(1.0, m.abs().max().item())
         assert err <= 2 * plain_err + atol, f"{backend}/{name}: {err:.3e} vs plain {plain_err:.3e}"
     # Blocks that no row keeps get exactly zero weight / bias gradient.
-    unused = (st["keep"].sum(0) == 0).repeat_interleave(FILTER_BLOCK)[:v]
+    unused = drop_mask(st["keep"], st["order"], v).all(0)  # columns no row keeps
     if unused.any():
         assert (fused[3][unused] == 0).all() and (fused[4][unused] == 0).all()
 
@@ -293,7 +312,7 @@ def test_label_in_a_negligible_block_keeps_its_gradient(backend):
             linear_logprobs, hidden, weight, b, labels, g, torch.zeros(n), backend=backend, grad_filter=0.01
         )
     keep = stats[0]["keep"]
-    assert keep.gather(1, (labels // FILTER_BLOCK)[:, None]).all()
+    assert keep.gather(1, label_blocks(labels, stats[0]["order"])[:, None]).all()
     # d_bias_v = Σ_i (1[v = label_i] − p_iv): without the label's +1 the error would be ~1; the
     # filter may drop at most 0.01 of probability per row.
     want = torch.zeros(v, dtype=torch.float64).index_add_(0, labels, torch.ones(n, dtype=torch.float64))
@@ -310,7 +329,7 @@ def test_no_block_masses_without_a_gradient(backend, monkeypatch):
         fwd, bwd = real(name)
 
         def fwd_spy(*args):
-            seen.append(args[-1])  # filter_block
+            seen.append(args[-2])  # filter_block (then the vocabulary order)
             return fwd(*args)
 
         return fwd_spy, bwd
@@ -322,3 +341,26 @@ def test_no_block_masses_without_a_gradient(backend, monkeypatch):
     linear_logprobs(hidden, weight, labels, bias=b, backend=backend)  # no input requires grad
     linear_logprobs(hidden.requires_grad_(), weight, labels, bias=b, backend=backend)
     assert seen == [0, 0, FILTER_BLOCK]
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_cpu_backends_walk_the_vocabulary_by_mean_logit(backend):
+    """With the filter on, the CPU backends order the blocks by the batch's mean logit (probable
+    tokens first), and the gradient still lands on the right vocabulary rows."""
+    hidden, weight, b, labels = peaky_case(30, 32, 1500, torch.float32, seed=5)
+    g, gh = torch.randn(30), torch.randn(30)
+    with grad_filter_stats() as stats:
+        fused = grads(
+            linear_logprobs, hidden, weight, b, labels, g, gh, backend=backend, grad_filter=2.0**-10
+        )
+    order = stats[0]["order"]
+    valid = hidden[labels != -100]  # the mean over the computed (valid) rows
+    want = (torch.mv(weight, valid.mean(0)) + b).argsort(descending=True)
+    assert torch.equal(order, want)
+    d_h, d_w, d_b, _, _ = masked_reference(hidden, weight, b, labels, g, gh, stats[0]["keep"], 1.0, order)
+    assert (fused[3].double() - d_w).abs().max() < 1e-4 and (fused[4].double() - d_b).abs().max() < 1e-5
+    assert (fused[2].double() - d_h).abs().max() < 1e-4
+    # Without the filter nothing is reordered (and no stats are recorded).
+    with grad_filter_stats() as stats:
+        grads(linear_logprobs, hidden, weight, b, labels, g, gh, backend=backend, grad_filter=None)
+    assert stats == []
