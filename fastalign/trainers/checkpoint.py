@@ -132,6 +132,7 @@ def save(
             for t in trainables:
                 t.save(tmp / t.name)
             torch.save(rng_state(), tmp / f"rng_rank{rt.rank}.pt")
+            rt.barrier()  # every rank's files are in tmp before rank 0 renames it
             if rt.is_main:
                 if extra:
                     torch.save({k: v.state_dict() for k, v in extra.items()}, tmp / EXTRA_FILE)
