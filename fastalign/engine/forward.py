@@ -67,7 +67,7 @@ def _right_padded_lengths(attention_mask: torch.Tensor) -> list[int] | None:
 def _padding_free_hidden(model: torch.nn.Module, batch: Batch) -> torch.Tensor | None:
     """(R, T, H) hidden states of a right-padded batch computed on its real tokens only: the rows
     go through the decoder packed into one sequence (attention kept inside each row, see
-    `fastalign.models.causal_lm.VARLEN_SDPA`) and come back to (R, T, H) with zeros at the padding,
+    `fastalign.models.causal_lm._sdpa_varlen`) and come back to (R, T, H) with zeros at the padding,
     which the loss never reads (labels are ignored there). The padded batch gives the same values
     (up to float rounding: other matmul shapes); it computes every layer on R·T positions where
     this computes on sum(lengths), and keeps activations for those alone. None when it does not

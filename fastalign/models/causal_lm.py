@@ -62,10 +62,8 @@ def resolve_attn_implementation(
 # ---------------------------------------------------------------------------------------------
 # padding-free batches with sdpa: per-row causal attention over rows packed into one sequence
 # ---------------------------------------------------------------------------------------------
-VARLEN_SDPA = "fastalign_sdpa"
-"""The attention implementation `load_causal_lm` gives a model that would get "sdpa": transformers'
-sdpa for every ordinary call, plus padding-free batches (`decoder_hidden_states(..., seq_lens=)`)."""
 _varlen_calls = [0]  # attention calls that took the padding-free path (to catch a model that drops the kwarg)
+_plain_sdpa: list[Any] = []  # transformers' own sdpa function, kept when ours is registered over it
 
 
 def _sdpa_varlen(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
@@ -77,12 +75,11 @@ def _sdpa_varlen(module, query, key, value, attention_mask, dropout=0.0, scaling
     batches (prompt + chosen / rejected of different lengths) half of them or more are padding.
     Packed, the linear layers see only the real tokens; sdpa's `is_causal` per row keeps each row
     to itself without an (N, N) mask (a block-diagonal mask would send sdpa to its math kernel
-    and cost N² memory and work). This is what flash_attention_2's varlen kernels do on CUDA."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
+    and cost N² memory and work). This is what flash_attention_2's varlen kernels do on CUDA.
+    Without the keyword it is transformers' sdpa, unchanged."""
     if fastalign_seq_lens is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                      scaling=scaling, is_causal=is_causal, **kwargs)  # fmt: skip
+        return _plain_sdpa[0](module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                              is_causal=is_causal, **kwargs)  # fmt: skip
     if kwargs.get("s_aux") is not None:
         raise NotImplementedError("padding-free attention: attention sinks (s_aux) are not supported")
     _varlen_calls[0] += 1
@@ -112,20 +109,29 @@ def _sdpa_varlen(module, query, key, value, attention_mask, dropout=0.0, scaling
 
 
 def _register_varlen_sdpa() -> None:
-    from transformers import AttentionInterface, AttentionMaskInterface
-    from transformers.masking_utils import sdpa_mask
+    """Put `_sdpa_varlen` in transformers' registry under "sdpa" (transformers' documented way to
+    replace an attention function), wrapping the function it replaces: the model keeps
+    `attn_implementation == "sdpa"` and every ordinary call runs the same code as before."""
+    from transformers import AttentionInterface
 
-    if VARLEN_SDPA not in AttentionInterface._global_mapping:
-        AttentionInterface.register(VARLEN_SDPA, _sdpa_varlen)
-        AttentionMaskInterface.register(VARLEN_SDPA, sdpa_mask)  # ordinary calls get sdpa's masks
+    current = AttentionInterface._global_mapping.get("sdpa")
+    if current is not _sdpa_varlen:
+        _plain_sdpa[:] = [current]
+        AttentionInterface.register("sdpa", _sdpa_varlen)
 
 
 def supports_seq_lens(model) -> bool:
-    """Whether `decoder_hidden_states(model, ..., seq_lens=...)` can run a padding-free batch."""
+    """Whether `decoder_hidden_states(model, ..., seq_lens=...)` can run a padding-free batch: the
+    model attends with sdpa, ours is registered for it, and it has not been caught dropping the
+    rows' boundaries (see `decoder_hidden_states`)."""
+    from transformers import AttentionInterface
+
     base = unwrap_model(model)
     config = getattr(base, "config", None)
-    return getattr(config, "_attn_implementation", None) == VARLEN_SDPA and not getattr(
-        base, "_fastalign_no_varlen", False
+    return (
+        getattr(config, "_attn_implementation", None) == "sdpa"
+        and AttentionInterface._global_mapping.get("sdpa") is _sdpa_varlen
+        and not getattr(base, "_fastalign_no_varlen", False)
     )
 
 
@@ -254,10 +260,7 @@ def load_causal_lm(
     kw = _pretrained_kwargs(gguf_file, dtype, attn_implementation, device, trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(folder, **kw)
     if kw["attn_implementation"] == "sdpa":
-        # the same sdpa for every ordinary call, plus padding-free training batches (`_sdpa_varlen`);
-        # the name is not written to config.json (transformers does not serialise it)
-        _register_varlen_sdpa()
-        model.set_attn_implementation(VARLEN_SDPA)
+        _register_varlen_sdpa()  # padding-free training batches (`_sdpa_varlen`)
     return prepare_model(
         model, gradient_checkpointing=gradient_checkpointing, lora=lora, task_type="CAUSAL_LM", device=device
     )
@@ -318,7 +321,7 @@ def decoder_hidden_states(
 
     `seq_lens`: `input_ids` is (1, N), rows of these lengths packed one after another, with
     `position_ids` restarting at 0 per row and no mask; each row attends only within itself (a
-    model loaded with `VARLEN_SDPA`, see `supports_seq_lens`). A model whose layers do not pass
+    model that attends with sdpa, see `supports_seq_lens`). A model whose layers do not pass
     the keyword on to their attention is caught (no attention call saw it) and refused, rather
     than letting rows attend to each other."""
     base = unwrap_model(model)
@@ -328,7 +331,7 @@ def decoder_hidden_states(
     extra = {}
     if seq_lens is not None:
         if not supports_seq_lens(model):
-            raise ValueError("decoder_hidden_states: seq_lens needs a model loaded with attention 'sdpa'")
+            raise ValueError("decoder_hidden_states: seq_lens needs a model that attends with 'sdpa'")
         extra = {"fastalign_seq_lens": tuple(int(n) for n in seq_lens)}
         calls = _varlen_calls[0]
     out = decoder(
