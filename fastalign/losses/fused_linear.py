@@ -40,6 +40,16 @@ _METHOD_KWARGS = {"dpo": (), "ipo": (), "simpo": ("gamma_beta_ratio",), "orpo": 
 _AVERAGE_DEFAULT = {"dpo": False, "ipo": True, "simpo": True, "orpo": True}
 
 
+def _check_grad_filter(op: str, grad_filter):
+    """'auto', None or a float in [0, 1): the `grad_filter` of fastalign.ops.linear_logprobs."""
+    ok = grad_filter is None or grad_filter == "auto"
+    if not ok and isinstance(grad_filter, (int, float)) and not isinstance(grad_filter, bool):
+        ok = 0.0 <= float(grad_filter) < 1.0
+    if not ok:
+        raise ValueError(f"{op}: grad_filter must be 'auto', None or a float in [0, 1), got {grad_filter!r}")
+    return grad_filter
+
+
 def _token_logps(hidden, weight, labels, bias, ignore_index, chunk_size, **kw):
     from fastalign.ops import linear_logprobs  # lazy: keeps `import fastalign.losses` light
 
@@ -99,6 +109,8 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
             simpo / orpo).
         ignore_index: label of prompt / padding positions.
         chunk_size: vocabulary columns per tile of the fused op (None: ~32 MiB tiles).
+        grad_filter: the fused op's gradient filter ("auto": on for bf16 / fp16, exact in fp32;
+            None: exact; a float: that per-row probability budget; see docs/ops.md).
         **method_kwargs: `gamma_beta_ratio` (simpo), `lam` (orpo).
 
     forward(hidden, weight, labels, *, bias=None, ref_chosen_logps=None, ref_rejected_logps=None,
@@ -126,6 +138,7 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
         average_log_prob: bool | None = None,
         ignore_index: int = -100,
         chunk_size: int | None = None,
+        grad_filter: float | str | None = "auto",
         **method_kwargs,
     ) -> None:
         super().__init__()
@@ -153,6 +166,7 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
         avg = default if average_log_prob is None else bool(average_log_prob)
         self.average_log_prob = avg
         self.ignore_index, self.chunk_size = int(ignore_index), chunk_size
+        self.grad_filter = _check_grad_filter(op, grad_filter)
         self.method_kwargs = dict(method_kwargs)
 
     @property
@@ -196,7 +210,9 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
                     "ref_rejected_logps (B,), or ref_hidden (2B, T, H) and ref_weight (V, H)"
                 )
 
-        token_logps = _token_logps(hidden, weight, labels, bias, self.ignore_index, self.chunk_size)
+        token_logps = _token_logps(
+            hidden, weight, labels, bias, self.ignore_index, self.chunk_size, grad_filter=self.grad_filter
+        )
         if self.needs_reference and not all(given):
             if ref_hidden.shape != hidden.shape:
                 raise ValueError(
@@ -334,6 +350,7 @@ class FusedLinearKTOLoss(torch.nn.Module):
         undesirable_weight: float = 1.0,
         ignore_index: int = -100,
         chunk_size: int | None = None,
+        grad_filter: float | str | None = "auto",
     ) -> None:
         super().__init__()
         op = type(self).__name__
@@ -343,9 +360,12 @@ class FusedLinearKTOLoss(torch.nn.Module):
         if chunk_size is not None and int(chunk_size) < 1:
             raise ValueError(f"{op}: chunk_size must be ≥ 1 or None, got {chunk_size!r}")
         self.ignore_index, self.chunk_size = int(ignore_index), chunk_size
+        self.grad_filter = _check_grad_filter(op, grad_filter)
 
     def _seq(self, hidden, weight, labels, bias=None) -> torch.Tensor:
-        tok = _token_logps(hidden, weight, labels, bias, self.ignore_index, self.chunk_size)
+        tok = _token_logps(
+            hidden, weight, labels, bias, self.ignore_index, self.chunk_size, grad_filter=self.grad_filter
+        )
         return sequence_logps(tok, labels != self.ignore_index)
 
     def forward(
@@ -481,6 +501,7 @@ class FusedLinearPolicyLoss(torch.nn.Module):
         agg: str = "token-mean",
         ignore_index: int = -100,
         chunk_size: int | None = None,
+        grad_filter: float | str | None = "auto",
     ) -> None:
         super().__init__()
         op = type(self).__name__
@@ -496,6 +517,7 @@ class FusedLinearPolicyLoss(torch.nn.Module):
         self.temperature = _check_number(op, "temperature", temperature, positive=True)
         self.kl_kind, self.agg = kl_kind, agg
         self.ignore_index, self.chunk_size = int(ignore_index), chunk_size
+        self.grad_filter = _check_grad_filter(op, grad_filter)
 
     def forward(
         self,
@@ -526,6 +548,7 @@ class FusedLinearPolicyLoss(torch.nn.Module):
             self.chunk_size,
             temperature=self.temperature,
             return_entropy=with_entropy,
+            grad_filter=self.grad_filter,
         )
         logps, entropy = out if with_entropy else (out, None)
         valid = (mask != 0) & (labels != self.ignore_index)

@@ -364,3 +364,37 @@ def test_cpu_backends_walk_the_vocabulary_by_mean_logit(backend):
     with grad_filter_stats() as stats:
         grads(linear_logprobs, hidden, weight, b, labels, g, gh, backend=backend, grad_filter=None)
     assert stats == []
+
+
+def test_fused_losses_pass_the_filter_through():
+    from fastalign.losses.fused_linear import (
+        FusedLinearKTOLoss,
+        FusedLinearPolicyLoss,
+        FusedLinearPreferenceLoss,
+    )
+
+    hidden, weight, _, labels = peaky_case(8 * 6, 16, 700, torch.float32, bias=False, seed=6)
+    h = hidden.view(4, 12, 16).requires_grad_()
+    y = labels.view(4, 12)
+    ref = torch.zeros(2)
+    with grad_filter_stats() as stats:
+        loss, _ = FusedLinearPreferenceLoss("dpo", grad_filter=2.0**-6)(
+            h, weight, y, ref_chosen_logps=ref, ref_rejected_logps=ref
+        )
+        loss.backward()
+        kto = FusedLinearKTOLoss(grad_filter=2.0**-7)
+        out, _ = kto(
+            h, weight, y, torch.tensor([True, False, True, False]), kl_ref_point=0.0, ref_logps=torch.zeros(4)
+        )
+        out.backward()
+        pol = FusedLinearPolicyLoss(grad_filter=2.0**-5)
+        z = torch.zeros(4, 12)
+        out, _ = pol(h, weight, y, z, torch.randn(4, 12), torch.ones(4, 12))
+        out.backward()
+    assert [r["budget"] for r in stats] == [2.0**-6, 2.0**-7, 2.0**-5]
+    with grad_filter_stats() as stats:  # the default: "auto", exact in fp32
+        loss, _ = FusedLinearPreferenceLoss("dpo")(h, weight, y, ref_chosen_logps=ref, ref_rejected_logps=ref)
+        loss.backward()
+    assert stats == []
+    with pytest.raises(ValueError, match="grad_filter"):
+        FusedLinearPreferenceLoss("dpo", grad_filter="fast")
