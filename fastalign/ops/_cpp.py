@@ -1,10 +1,13 @@
 """JIT build and load of the C++ (ATen + OpenMP) CPU kernels in csrc/.
 
 Built once per machine into a cache directory ($FASTALIGN_EXTENSIONS_DIR, else
-$TORCH_EXTENSIONS_DIR/fastalign, else ~/.cache/fastalign/torch_extensions). The extension's
-name carries a hash of the sources, torch version and CPU model, so a stale or foreign build is
-never loaded. Without a working C++ compiler, `available()` is False, one warning explains
-why, and `backend="auto"` falls back to the PyTorch backend.
+$TORCH_EXTENSIONS_DIR/fastalign, else `<virtual environment>/torch_extensions` when Python runs
+in one — the same folder whether fastalign is started by the scripts, the CLI or an import —
+else ~/.cache/fastalign/torch_extensions). The extension's name carries a hash of the sources,
+torch version and CPU model, so a stale or foreign build is never loaded. A build (about a minute
+on 2 cores) is announced on stderr with the folder, and so is its end. Without a working C++
+compiler, `available()` is False, one warning explains why, and `backend="auto"` falls back to
+the PyTorch backend.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ import functools
 import hashlib
 import os
 import platform
+import sys
+import time
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -43,7 +48,13 @@ def _cache_dir() -> Path:
         return Path(os.environ["FASTALIGN_EXTENSIONS_DIR"])
     if os.environ.get("TORCH_EXTENSIONS_DIR"):
         return Path(os.environ["TORCH_EXTENSIONS_DIR"]) / "fastalign"
+    if sys.prefix != sys.base_prefix:  # a virtual environment: keep the build beside it
+        return Path(sys.prefix) / "torch_extensions"
     return Path.home() / ".cache" / "fastalign" / "torch_extensions"
+
+
+def _built(build_dir: Path, name: str) -> bool:
+    return any(build_dir.glob(f"{name}*.so")) or any(build_dir.glob(f"{name}*.pyd"))
 
 
 @functools.lru_cache(maxsize=1)
@@ -67,7 +78,16 @@ def load() -> ModuleType:
         name = f"fastalign_cpu_{digest.hexdigest()[:12]}"
         build_dir = _cache_dir() / name
         build_dir.mkdir(parents=True, exist_ok=True)
-        return cpp_extension.load(
+        building = not _built(build_dir, name)
+        if building:  # a silent minute before the first step looks like a hang
+            print(
+                f"fastalign: building the C++ CPU kernels (first use with this torch / CPU / source; "
+                f"about a minute), cached in {build_dir} ...",
+                file=sys.stderr,
+                flush=True,
+            )
+        t0 = time.perf_counter()
+        mod = cpp_extension.load(
             name=name,
             sources=[str(src / s) for s in _SOURCES],
             extra_cflags=flags,
@@ -75,6 +95,13 @@ def load() -> ModuleType:
             build_directory=str(build_dir),
             verbose=os.environ.get("FASTALIGN_VERBOSE_BUILD") == "1",
         )
+        if building:
+            print(
+                f"fastalign: C++ CPU kernels built in {time.perf_counter() - t0:.0f} s",
+                file=sys.stderr,
+                flush=True,
+            )
+        return mod
     except Exception as exc:  # compiler missing, headers missing, ...
         _build_error = f"{type(exc).__name__}: {exc}"
         raise RuntimeError(
