@@ -23,8 +23,11 @@ Kept import-light: no torch at import (the CLI imports this at startup).
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
+import inspect
+import textwrap
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -356,10 +359,6 @@ def save_config(cfg: Any, path: str | Path) -> None:
 def field_docs(cls: type) -> dict[str, str]:
     """{field: its one-line meaning} from the string literal under each field in the class source
     (and its bases'), so the help text lives beside the field and cannot drift from it."""
-    import ast
-    import inspect
-    import textwrap
-
     docs: dict[str, str] = {}
     for klass in reversed(cls.__mro__):
         if not dataclasses.is_dataclass(klass):

@@ -13,6 +13,8 @@ import os
 
 import torch
 
+from fastalign.ops import _cpp
+
 BACKENDS = ("auto", "triton", "cpp", "torch")
 
 
@@ -38,8 +40,6 @@ def resolve_backend(backend: str, device: torch.device, op: str) -> str:
         if device.type == "cuda":
             return "triton" if triton_available() else "torch"
         if device.type == "cpu":
-            from fastalign.ops import _cpp
-
             return "cpp" if _cpp.available() else "torch"
         return "torch"
     if backend == "triton":
@@ -53,7 +53,6 @@ def resolve_backend(backend: str, device: torch.device, op: str) -> str:
     if backend == "cpp":
         if device.type != "cpu":
             raise ValueError(f"{op}: backend='cpp' needs CPU tensors (got {device.type})")
-        from fastalign.ops import _cpp
 
         _cpp.load()  # raises with the compiler's message if the build fails
     return backend

@@ -28,7 +28,7 @@ _build_error: str | None = None
 
 
 def _source_dir() -> Path:
-    import fastalign.csrc
+    import fastalign.csrc  # a package of C++ sources only: located on use
 
     return Path(fastalign.csrc.__file__).parent
 
@@ -62,6 +62,7 @@ def load() -> ModuleType:
     """Build (first call on a machine, ~20-40 s) or load the extension; raise RuntimeError with
     the compiler's message on failure."""
     global _build_error
+    # torch and its cpp_extension (setuptools, ninja) only when a build is needed
     import torch
     from torch.utils import cpp_extension
 

@@ -28,6 +28,7 @@ from collections.abc import Callable
 
 import torch
 
+from fastalign.ops import _cpp
 from fastalign.ops._backend import FLOAT_DTYPES, out_dtype, resolve_backend
 
 _OP = "gae"
@@ -77,10 +78,8 @@ def _kernel(backend: str) -> Callable:
     if backend == "torch":
         return gae_forward_torch
     if backend == "cpp":
-        from fastalign.ops import _cpp
-
         return _cpp.load().gae_fwd
-    from fastalign.kernels import gae as k
+    from fastalign.kernels import gae as k  # triton is imported only for the triton backend
 
     return k.gae_forward
 

@@ -43,6 +43,7 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 
+from fastalign.ops import _cpp
 from fastalign.ops._backend import (
     FLOAT_DTYPES,
     check_backend_name,
@@ -349,11 +350,9 @@ def _kernels(backend: str) -> tuple[Callable, Callable]:
     if backend == "torch":
         return linear_logprobs_forward_torch, linear_logprobs_backward_torch
     if backend == "cpp":
-        from fastalign.ops import _cpp
-
         ext = _cpp.load()
         return ext.linear_logprobs_fwd, ext.linear_logprobs_bwd
-    from fastalign.kernels import linear_logprobs as k
+    from fastalign.kernels import linear_logprobs as k  # triton is imported only for the triton backend
 
     return k.linear_logprobs_forward, k.linear_logprobs_backward
 

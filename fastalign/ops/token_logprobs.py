@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 import torch
 
+from fastalign.ops import _cpp
 from fastalign.ops._backend import (
     FLOAT_DTYPES,
     check_labels,
@@ -141,11 +142,9 @@ def _kernels(backend: str) -> tuple[Callable, Callable]:
     if backend == "torch":
         return token_logprobs_forward_torch, token_logprobs_backward_torch
     if backend == "cpp":
-        from fastalign.ops import _cpp
-
         ext = _cpp.load()
         return ext.token_logprobs_fwd, ext.token_logprobs_bwd
-    from fastalign.kernels import token_logprobs as k
+    from fastalign.kernels import token_logprobs as k  # triton is imported only for the triton backend
 
     return k.token_logprobs_forward, k.token_logprobs_backward
 
