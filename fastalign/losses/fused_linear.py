@@ -18,6 +18,10 @@ tokens. The lm_head weight (and bias) are forward arguments, not parameters of t
 the model keeps owning them (tied embeddings, sharding). Reference-model quantities are computed
 under `torch.no_grad()` (one fused forward, no backward). The op (and with it any compiled
 backend) is imported on the first forward, so `import fastalign.losses` stays torch-only.
+
+Size (~590 lines, over the project's ~400): three modules with the same shape and the same
+input checks (each is forward + the loss from token log-probs, shared with the unfused path);
+separate files would repeat the checks three times.
 """
 
 from __future__ import annotations

@@ -26,6 +26,10 @@ under their own names because each has a use:
 Infinite log-probs (a completion the policy or the reference gives probability 0) have defined
 limits: every loss type returns the limit of its formula, NaN-free, with the limit of its gradient
 (see `dpo_loss`); only a ∞ − ∞ with no limit raises.
+
+Size (~600 lines, over the project's ~400): the 14 DPO loss types share one input check, one
+limit analysis at ±inf and one parity contract with TRL; SimPO / ORPO / KTO / Bradley-Terry reuse
+those checks. Split by loss family if a second contract (another trainer's definitions) arrives.
 """
 
 from __future__ import annotations
