@@ -6,6 +6,7 @@ import math
 from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
 
 from fastalign.config import LoopConfig
 
@@ -37,8 +38,6 @@ def _fused_ok(params: list[torch.Tensor]) -> bool | None:
     peak for the 113 MB tied embedding) and reads and writes the state several times per step;
     `foreach` is worse (408 MB of temporaries). Under DeepSpeed (a process group exists) the
     engine steps its own flat partitions: the client optimizer is left as torch builds it."""
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         return None
     ok = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
