@@ -78,6 +78,8 @@ def test_scores_do_not_depend_on_left_padding(tok):
     alone = [score_a(model, tok, [t], 1, ab)[0] for t in texts]
     for (p, m), (q, n) in zip(together, alone, strict=True):
         assert 0.0 <= p <= 1.0 and 0.0 < m <= 1.0
+        # float32 puts p, m <= 4.5e-7 from float64 (5 CPU builds), so two runs <= ~1e-6 apart; 1e-5 is
+        # 10x that, and a padding error moves them by > 1e-3
         assert abs(p - q) < 1e-5 and abs(m - n) < 1e-5
 
 
@@ -94,8 +96,12 @@ def test_given_responses_labels_are_symmetric_under_swapping(tmp_path):
     ]
     fwd = _given(tmp_path / "fwd.jsonl", [{"prompt": q, "chosen": x, "rejected": y} for q, x, y in pairs])
     rev = _given(tmp_path / "rev.jsonl", [{"prompt": q, "responses": [y, x]} for q, x, y in pairs])
-    _label(tmp_path, tmp_path / "fwd", f"responses={fwd}")
-    _label(tmp_path, tmp_path / "rev", f"responses={rev}")
+    # one question per forward: both runs score the same texts unpadded, so on any CPU they get the
+    # same float32 numbers, and the identities below hold to float64 arithmetic (1e-12). In batches
+    # the padding differs between the runs and p drifted up to 4.8e-7 apart on an AVX2 build, half the
+    # 1e-6 these checks had. Padding is the subject of test_scores_do_not_depend_on_left_padding.
+    _label(tmp_path, tmp_path / "fwd", f"responses={fwd}", "feedback_batch_size=1")
+    _label(tmp_path, tmp_path / "rev", f"responses={rev}", "feedback_batch_size=1")
     t_fwd, t_rev = _lines(tmp_path / "fwd" / "trace.jsonl"), _lines(tmp_path / "rev" / "trace.jsonl")
     r_fwd, r_rev = _lines(tmp_path / "fwd" / "pairs.jsonl"), _lines(tmp_path / "rev" / "pairs.jsonl")
     assert len(r_fwd) == len(r_rev) == 3
@@ -103,17 +109,17 @@ def test_given_responses_labels_are_symmetric_under_swapping(tmp_path):
         (ca,), (cb,) = a["comparisons"], b["comparisons"]
         assert ca["principle"] == cb["principle"]  # drawn with the prompt's own RNG
         assert 0.0 <= ca["p_first"] <= 1.0
-        assert abs(ca["p_first"] - (1.0 - cb["p_first"])) < 1e-6  # P(x) from (x, y) == 1 - P(y) from (y, x)
+        assert abs(ca["p_first"] - (1.0 - cb["p_first"])) < 1e-12  # P(x) from (x, y) == 1 - P(y) from (y, x)
         assert ca["p_first"] == pytest.approx((ca["p_a"][0] + 1 - ca["p_a"][1]) / 2)
     for a, b, (q, x, y) in zip(r_fwd, r_rev, pairs, strict=True):
         assert set(a) == {"prompt", "chosen", "rejected", "p_chosen", "principle", "p_order1", "p_order2"}
         assert a["prompt"] == f"\n\nHuman: {q}\n\nAssistant:"
         assert {a["chosen"], a["rejected"]} == {" " + x, " " + y}
         assert a["chosen"] == b["chosen"] and a["rejected"] == b["rejected"]
-        assert abs(a["p_chosen"] - b["p_chosen"]) < 1e-6
+        assert abs(a["p_chosen"] - b["p_chosen"]) < 1e-12
         assert 0.5 <= a["p_chosen"] <= 1.0
         assert a["p_chosen"] == pytest.approx((a["p_order1"] + a["p_order2"]) / 2)
-        assert abs(a["p_order1"] - b["p_order1"]) < 1e-6 and abs(a["p_order2"] - b["p_order2"]) < 1e-6
+        assert abs(a["p_order1"] - b["p_order1"]) < 1e-12 and abs(a["p_order2"] - b["p_order2"]) < 1e-12
 
 
 def test_every_pair_of_three_responses_and_identical_ones_skipped(tmp_path):

@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from helpers import assert_same_float32_function, float64_truth
 from repo_assets import ASSETS
 
 from fastalign.data import KTOCollator, PreferenceCollator, SFTCollator, block_causal_mask, unpack_rows
@@ -123,15 +124,21 @@ def _row_logps(model, hidden, labels):
 def test_packed_forward_equals_padded(attn, kind):
     from transformers import AutoModelForCausalLM
 
-    # float64: the check is about which tokens attend to which. Eager still takes its softmax in float32
-    # (transformers' eager_attention_forward), so it agrees to ~4e-6 and sdpa to ~1e-12; in float32
-    # both differ from the padded forward by ~2e-5 on these sums, a masking error by far more.
-    model = AutoModelForCausalLM.from_pretrained(str(MODEL), attn_implementation=attn).double().eval()
+    # float64 (norms too: helpers.float64_truth): the check is about which tokens attend to which.
+    # Eager still takes its softmax in float32 (transformers' eager_attention_forward), so it agrees
+    # to float32 rounding (~1e-6 on these sums of ~1e2), sdpa to ~1e-12. Float32-rounded results are
+    # held to the numerics rule against a float64 truth (sdpa, padded), not to an atol the size of
+    # their own rounding; in float32, 4 ulps, as there are only 3-6 sums. A masking error moves the
+    # sums by far more.
+    model = float64_truth(AutoModelForCausalLM.from_pretrained(str(MODEL), attn_implementation=attn)).eval()
+    truth_model = float64_truth(AutoModelForCausalLM.from_pretrained(str(MODEL), attn_implementation="sdpa"))
     examples, collator = (PAIRS, PreferenceCollator) if kind == "preference" else (SFT, SFTCollator)
     u, p = collator(0)(examples), collator(0, packing=True)(examples)
     rows = p["num_rows"]
     with torch.no_grad():
         hu = model.model(u["input_ids"], attention_mask=u["attention_mask"]).last_hidden_state  # (R, T, H)
+        h64 = truth_model.model(u["input_ids"], attention_mask=u["attention_mask"]).last_hidden_state
+        truth = _row_logps(truth_model, h64, u["labels"])  # (R,)
         mask = block_causal_mask(p["seq_id"], torch.float64)
 
         def packed_hidden(ids):
@@ -143,15 +150,19 @@ def test_packed_forward_equals_padded(attn, kind):
         hp_rows = unpack_rows(hp, p["seq_id"], rows)
         labels = unpack_rows(p["labels"], p["seq_id"], rows, fill=-100)
         lu, lp = _row_logps(model, hu, u["labels"]), _row_logps(model, hp_rows, labels)
-        assert torch.allclose(lp, lu, atol=1e-5 if attn == "eager" else 1e-9, rtol=0), (lp - lu).abs().max()
+        if attn == "sdpa":  # float64 all through: 1e-9 is ~1e5 float64 ulps of these sums, no CPU gets near
+            assert torch.allclose(lp, lu, atol=1e-9, rtol=0), (lp - lu).abs().max()
+        else:
+            assert_same_float32_function("packed vs padded, float32 softmax", lp, lu, truth)
         assert (lu < 0).all()
-        # float32 with a float32 mask: the model's own dtype, agreement to float32 rounding
+        # float32 with a float32 mask: the model's own dtype, against the padded float32 forward
         m32 = model.float()
         h32 = m32.model(
             p["input_ids"], attention_mask=block_causal_mask(p["seq_id"]), position_ids=p["position_ids"]
         )
-        l32 = _row_logps(m32, unpack_rows(h32.last_hidden_state, p["seq_id"], rows), labels).double()
-        assert torch.allclose(l32, lu, atol=1e-4, rtol=0), (l32 - lu).abs().max()
+        l32 = _row_logps(m32, unpack_rows(h32.last_hidden_state, p["seq_id"], rows), labels)
+        hu32 = m32.model(u["input_ids"], attention_mask=u["attention_mask"]).last_hidden_state
+        assert_same_float32_function("packed float32", l32, _row_logps(m32, hu32, u["labels"]), truth, ulps=4)
         model.double()
         # changing the tokens of row 1 changes no other row's packed hidden states
         ids2 = p["input_ids"].clone()

@@ -147,14 +147,19 @@ def test_packed_and_padded_batches_give_the_same_losses(tmp_path):
 
 
 def test_export_reloads_in_plain_transformers(tmp_path):
+    from helpers import assert_same_float32_function, float64_truth
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    def same_function(name, reloaded, live):  # logits of scale ~15: no fixed atol, the live model in float64
+        truth = float64_truth(live)(ids).logits
+        assert_same_float32_function(name, reloaded(ids).logits, live(ids).logits, truth)
 
     task, _, _ = _train("dpo", tmp_path / "dpo", "train.max_steps=3", "train.export=true")
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "dpo" / "final")
     ids = torch.tensor([[1, 400, 30, 52, 9, 77]])
     task.model.eval()
     with torch.no_grad():
-        torch.testing.assert_close(reloaded(ids).logits, task.model(ids).logits, rtol=0, atol=1e-5)
+        same_function("dpo export", reloaded, task.model)
     assert (tmp_path / "dpo" / "final" / "model.safetensors").exists()
 
     task, _, _ = _train(
@@ -166,12 +171,12 @@ def test_export_reloads_in_plain_transformers(tmp_path):
     with torch.no_grad():  # bf16 weights: the reload matches a bf16-rounded copy of the trained model
         for p in task.model.parameters():
             p.copy_(p.to(torch.bfloat16).float())
-        torch.testing.assert_close(rm(ids).logits, task.model(ids).logits, rtol=0, atol=1e-5)
+        same_function("rm bfloat16 export", rm, task.model)
     task, _, _ = _train("rm", tmp_path / "rm32", "train.max_steps=3", "train.export=true")
     rm = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm32" / "final")
     task.model.eval()
     with torch.no_grad():
-        torch.testing.assert_close(rm(ids).logits, task.model(ids).logits, rtol=0, atol=1e-5)
+        same_function("rm float32 export", rm, task.model)
 
 
 def _cli(out: Path, *extra: str) -> list[str]:
