@@ -146,6 +146,9 @@ class LoopConfig:
     """clip the global gradient norm (null: no clipping)"""
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     """autocast dtype ('auto': bf16 on CUDA, none on CPU)"""
+    grad_filter: float | Literal["auto"] | None = "auto"
+    """fused lm_head backward: skip vocabulary blocks whose softmax mass is below this ('auto': 2^-8
+    under bf16, 2^-11 under fp16, exact in fp32; null or 0: exact). docs/ops.md: bound and figures"""
     device: str = "auto"
     """'auto', 'cpu', 'cuda' or 'cuda:N'"""
     threads: int | None = None
@@ -186,6 +189,12 @@ class LoopConfig:
             "adam_betas",
             f"must be two numbers in [0, 1), got {self.adam_betas}",
         )
+        if self.grad_filter not in (None, "auto"):
+            _require(
+                0.0 <= self.grad_filter < 1.0,
+                "grad_filter",
+                f"must be 'auto', null or a number in [0, 1), got {self.grad_filter}",
+            )
         _require(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
         _require(
             0.0 <= self.warmup_ratio < 1.0, "warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}"

@@ -148,6 +148,7 @@ def token_logps(
     fused: bool = True,
     temperature: float = 1.0,
     entropy: bool = False,
+    grad_filter: float | str | None = "auto",
 ) -> tuple[torch.Tensor, ...]:
     """(logp (R, T-1) fp32, 0 at ignored positions, labels (R, T-1)[, entropy (R, T-1)]).
 
@@ -159,7 +160,13 @@ def token_logps(
             model,
             batch,
             lambda h, w, b: linear_logprobs(
-                h, w, labels, bias=b, temperature=temperature, return_entropy=entropy
+                h,
+                w,
+                labels,
+                bias=b,
+                temperature=temperature,
+                return_entropy=entropy,
+                grad_filter=grad_filter,
             ),
         )
         return (out[0], labels, out[1]) if entropy else (out, labels)

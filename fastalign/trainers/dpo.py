@@ -27,7 +27,7 @@ from fastalign.trainers.reference import cached_reference, from_cache, reference
 from fastalign.trainers.setup import setup
 
 
-def make_loss_module(dcfg: DPOConfig) -> FusedLinearPreferenceLoss:
+def make_loss_module(dcfg: DPOConfig, grad_filter: float | str | None = "auto") -> FusedLinearPreferenceLoss:
     kwargs: dict[str, float] = {}
     if dcfg.method == "simpo":
         kwargs["gamma_beta_ratio"] = dcfg.simpo_gamma_beta_ratio
@@ -42,6 +42,7 @@ def make_loss_module(dcfg: DPOConfig) -> FusedLinearPreferenceLoss:
         loss_type=loss_type,
         label_smoothing=dcfg.label_smoothing,
         average_log_prob=dcfg.average_log_prob,
+        grad_filter=grad_filter,
         **kwargs,
     )
 
@@ -69,7 +70,7 @@ def build(cfg: DPORecipe) -> Task:
     rt, device, tok, model = setup(cfg)
     train, evals, _ = load_datasets("preference", cfg.data, tok, cfg.train.seed, "dpo")
     collate = PreferenceCollator(tok.pad_token_id, packing=cfg.data.packing)
-    loss_mod = make_loss_module(cfg.dpo)
+    loss_mod = make_loss_module(cfg.dpo, cfg.train.grad_filter)
     fused, avg = cfg.train.fused, loss_mod.average_log_prob
 
     if cfg.dpo.soft_labels and not all("p_chosen" in ex for ex in train):

@@ -54,6 +54,7 @@ def build(cfg: GRPORecipe) -> rl.RolloutAlgo:
         entropy_coef=g.entropy_coef,
         temperature=cfg.generation.temperature,
         agg=AUTO_AGG[g.estimator] if g.agg == "auto" else g.agg,
+        grad_filter=cfg.train.grad_filter,
     )
     seed = cfg.train.seed
 

@@ -106,7 +106,10 @@ def build(cfg: KTORecipe) -> Task:
     collate = KTOBatches(tok.pad_token_id)
     kcfg, fused = cfg.kto, cfg.train.fused
     loss_mod = FusedLinearKTOLoss(
-        beta=kcfg.beta, desirable_weight=kcfg.desirable_weight, undesirable_weight=kcfg.undesirable_weight
+        beta=kcfg.beta,
+        desirable_weight=kcfg.desirable_weight,
+        undesirable_weight=kcfg.undesirable_weight,
+        grad_filter=cfg.train.grad_filter,
     )
 
     score_ref = reference_scorer(cfg, model, device, average=False, rt=rt)

@@ -68,7 +68,9 @@ def build(cfg: OnlineDPORecipe) -> rl.RolloutAlgo:
     iters = rl.total_iterations(cfg.train, len(s.prompts), s.rt.world)
     total = iters * o.epochs * o.minibatches
     policy = rl.make_trainable("policy", s.model, s.rt, cfg.train, total, cfg.train.lr)
-    loss_mod = FusedLinearPreferenceLoss("dpo", beta=o.beta, loss_type=o.loss_type)
+    loss_mod = FusedLinearPreferenceLoss(
+        "dpo", beta=o.beta, loss_type=o.loss_type, grad_filter=cfg.train.grad_filter
+    )
     pad = s.tok.pad_token_id
     collate = PreferenceCollator(pad)
     seed = cfg.train.seed

@@ -140,7 +140,10 @@ def build(cfg: PPORecipe) -> rl.RolloutAlgo:
     trainables = [policy] if value is None else [policy, value]
     ctl = make_kl_controller(cfg.kl)
     loss_fn = FusedLinearPolicyLoss(
-        clip_eps=p.clip_eps, entropy_coef=p.entropy_coef, temperature=cfg.generation.temperature
+        clip_eps=p.clip_eps,
+        entropy_coef=p.entropy_coef,
+        temperature=cfg.generation.temperature,
+        grad_filter=cfg.train.grad_filter,
     )
     seed = cfg.train.seed
 

@@ -21,10 +21,12 @@ def build(cfg: SFTRecipe) -> Task:
     if not cfg.sft.completion_only:
         train, evals = AllTokens(train), (AllTokens(evals) if evals else None)
     collate = SFTCollator(tok.pad_token_id, packing=cfg.data.packing)
-    fused = cfg.train.fused
+    fused, grad_filter = cfg.train.fused, cfg.train.grad_filter
 
     def loss_step(batch: dict[str, Any]):
-        logp, labels = token_logps(rt.forward_module(model), batch, fused=fused)  # (R, T-1)
+        logp, labels = token_logps(
+            rt.forward_module(model), batch, fused=fused, grad_filter=grad_filter
+        )  # (R, T-1)
         mask = labels != IGNORE_INDEX
         n = mask.sum().clamp(min=1)
         nll = -(logp * mask).sum() / n
