@@ -383,6 +383,7 @@ def main() -> None:
                             flush=True,
                         )
     print_table(results)
+    print_targets(results, dict(variants), a)
     if a.out:
         write_csv(results, Path(a.out), cpu, commit)
     if not a.keep:
@@ -423,6 +424,62 @@ def print_table(results: list[dict]) -> None:
             f"{fa_rss:,.0f} MB | {trl_rss:,.0f} MB | "
             f"{fa_rss / trl_rss:.2f}x | {max(max(m['load'], t['load']) for m, t in pairs):.1f} |"
         )
+
+
+def _ratios(results: list[dict], tool: str, key: tuple) -> tuple[float, float] | None:
+    """(median tokens/s ratio over rounds, peak RSS ratio) of `tool` against TRL, or None."""
+    pairs = [(m, t) for m in results for t in results if _key(m) == key == _key(t) and m["tool"] == tool
+             and t["tool"] == "trl" and t["round"] == m["round"]]  # fmt: skip
+    if not pairs:
+        return None
+    tok = statistics.median(m["tokens_per_s"] / t["tokens_per_s"] for m, t in pairs)
+    return tok, max(m["peak_rss_mb"] for m, _ in pairs) / max(t["peak_rss_mb"] for _, t in pairs)
+
+
+def print_targets(results: list[dict], variants: dict[str, list[str]], a: argparse.Namespace) -> None:
+    """Issue 17's targets, for SmolLM2-135M DPO: >= 1.5x TRL's tokens/s and <= 0.8x its peak RSS at
+    equal settings; <= 0.5x peak RSS with fastalign's recommended settings (its defaults or any
+    variant run, named); fused vs unfused (a variant with train.fused=false) apart by at least the
+    logits of the largest batch."""
+    for key in sorted({_key(r) for r in results}):
+        model, recipe, precision = key
+        if (model, recipe) != ("smollm2-135m", "dpo"):
+            continue
+        lines = []
+        base = _ratios(results, "fastalign", key)
+        if base:
+            tok, rss = base
+            lines.append(f"tokens/s {tok:.2f}x TRL's (>= 1.5x): {'met' if tok >= 1.5 else 'NOT met'}")
+            lines.append(f"peak RSS {rss:.2f}x TRL's (<= 0.8x): {'met' if rss <= 0.8 else 'NOT met'}")
+        runs = {"defaults": base} | {n: _ratios(results, f"fastalign:{n}", key) for n in variants}
+        runs = {n: r for n, r in runs.items() if r}
+        if runs:
+            best = min(runs, key=lambda n: runs[n][1])
+            ok = runs[best][1] <= 0.5
+            lines.append(
+                f"best peak RSS {runs[best][1]:.2f}x TRL's ({best}; <= 0.5x): {'met' if ok else 'NOT met'}"
+            )
+        unfused = [n for n, ov in variants.items() if "train.fused=false" in ov]
+        rows = [r for r in results if _key(r) == key]
+        if unfused and any(r["tool"] == "fastalign" for r in rows):
+            vocab = json.loads((Path(rows[0]["path"]) / "config.json").read_text())["vocab_size"]
+            logits_mb = 2 * a.batch * a.max_length * vocab * 4 / 2**20
+            fused = max(r["peak_rss_mb"] for r in rows if r["tool"] == "fastalign")
+            full = max(r["peak_rss_mb"] for r in rows if r["tool"] == f"fastalign:{unfused[0]}")
+            ok = full - fused >= logits_mb
+            lines.append(
+                f"fused vs unfused peak RSS {full - fused:,.0f} MB apart "
+                f"(>= the logits' {logits_mb:,.0f} MB): {'met' if ok else 'NOT met'}"
+            )
+        loads = [r["load"] for r in rows]
+        cores = benchlib.cpu_count()
+        if max(loads) > cores * 1.25:  # the benchmark's own threads make ~cores on a quiet machine
+            lines.append(
+                f"load reached {max(loads):.1f} on {cores} cores: other jobs ran, speed ratios unreliable"
+            )
+        print(f"\ntargets ({model} {recipe} {precision}, issue 17):")
+        for line in lines:
+            print(f"  {line}")
 
 
 def write_csv(results: list[dict], path: Path, cpu: str, commit: str) -> None:
