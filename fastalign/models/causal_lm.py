@@ -81,9 +81,10 @@ def _sdpa_varlen(module, query, key, value, attention_mask, dropout=0.0, scaling
         return _plain_sdpa[0](module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                               is_causal=is_causal, **kwargs)  # fmt: skip
     if kwargs.get("s_aux") is not None:
-        raise NotImplementedError("padding-free attention: attention sinks (s_aux) are not supported")
+        raise PaddingFreeUnsupported("padding-free attention: attention sinks (s_aux) are not supported")
     _varlen_calls[0] += 1
-    window = getattr(module, "sliding_window", None)
+    # Mistral passes its window as a keyword, Qwen2 / Gemma keep it on the attention module
+    window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
     gqa = query.shape[1] != key.shape[1]
     outs, start = [], 0
     for n in fastalign_seq_lens:
@@ -334,13 +335,17 @@ def decoder_hidden_states(
             raise ValueError("decoder_hidden_states: seq_lens needs a model that attends with 'sdpa'")
         extra = {"fastalign_seq_lens": tuple(int(n) for n in seq_lens)}
         calls = _varlen_calls[0]
-    out = decoder(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        use_cache=False,
-        **extra,
-    )
+    try:
+        out = decoder(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
+            **extra,
+        )
+    except PaddingFreeUnsupported:
+        base._fastalign_no_varlen = True  # an attention that cannot keep rows apart (sinks)
+        raise
     if seq_lens is not None and _varlen_calls[0] == calls:
         base._fastalign_no_varlen = True  # callers fall back to padded batches from now on
         raise PaddingFreeUnsupported(
