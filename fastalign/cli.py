@@ -231,17 +231,18 @@ def _strip_local_rank(argv: Sequence[str]) -> list[str]:
 
 
 def _plain_config_warnings(command: str) -> None:
-    """ConfigWarnings as one line ("fastalign dpo: warning: ..."), not Python's file:line + source."""
-    shown = getattr(warnings.showwarning, "fastalign_wrapped", warnings.showwarning)
+    """ConfigWarnings as one line ("fastalign dpo: warning: ..."), not Python's file:line + source.
+    Through `warnings.formatwarning`, not `showwarning`: a caller recording warnings
+    (`catch_warnings(record=True)`, `pytest.warns`) still receives them."""
+    formatted = getattr(warnings.formatwarning, "fastalign_wrapped", warnings.formatwarning)
 
-    def show(message, category, filename, lineno, file=None, line=None):
+    def format_warning(message, category, filename, lineno, line=None):
         if issubclass(category, ConfigWarning):
-            print(f"fastalign {command}: warning: {message}", file=file or sys.stderr)
-        else:
-            shown(message, category, filename, lineno, file, line)
+            return f"fastalign {command}: warning: {message}\n"
+        return formatted(message, category, filename, lineno, line)
 
-    show.fastalign_wrapped = shown  # main() again (tests, notebooks) replaces this hook, not stacks it
-    warnings.showwarning = show
+    format_warning.fastalign_wrapped = formatted  # main() again (tests, notebooks) replaces this hook
+    warnings.formatwarning = format_warning
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -64,7 +64,7 @@ def load() -> ModuleType:
     global _build_error
     # torch and its cpp_extension (setuptools, ninja) only when a build is needed
     import torch
-    from torch.utils import cpp_extension
+    from torch.utils import cpp_extension  # (see above: only when a build is needed)
 
     flags = ["-O3", "-fopenmp", "-std=c++17"]
     if platform.machine() in ("x86_64", "AMD64"):
