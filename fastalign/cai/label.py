@@ -260,7 +260,11 @@ def make_runner(cfg: LabelConfig) -> Callable[[int, list[Item]], list[dict]]:
 def load_lm_tokenizer(model_cfg):
 
     tok_path = model_cfg.tokenizer or model_cfg.path
-    return load_tokenizer(tok_path, gguf_file=None if model_cfg.tokenizer else model_cfg.gguf_file)
+    return load_tokenizer(
+        tok_path,
+        gguf_file=None if model_cfg.tokenizer else model_cfg.gguf_file,
+        chat_template=getattr(model_cfg, "chat_template", None),
+    )
 
 
 def rows(trace: dict) -> list[dict]:

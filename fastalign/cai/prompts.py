@@ -203,6 +203,7 @@ def load_lm(model_cfg, device: str):
         model_cfg.tokenizer or model_cfg.path,
         gguf_file=None if model_cfg.tokenizer else model_cfg.gguf_file,
         trust_remote_code=model_cfg.trust_remote_code,
+        chat_template=getattr(model_cfg, "chat_template", None),
     )
     model = load_causal_lm(
         model_cfg.path,

@@ -46,6 +46,9 @@ class ModelConfig:
     """the .gguf file inside `path` when it holds several"""
     tokenizer: str | None = None
     """another folder to take the tokenizer from (null: `path`)"""
+    chat_template: str | None = None
+    """for chat-message rows: 'chatml', a .jinja file or the template text; replaces the tokenizer's
+    own (null: the tokenizer's, if it has one)"""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """weight dtype ('auto': bf16 on CUDA, fp32 on CPU)"""
     attn_implementation: str = "auto"

@@ -247,6 +247,13 @@ def _preference(fmt: str, row: dict) -> dict:
         rejected = _messages(_field(row, "rejected"), "rejected")
         if "prompt" in row:
             prompt = _messages(row["prompt"], "prompt", allow_string_as_user=True)
+            k = len(prompt)
+            if _turns_equal(chosen[:k], prompt) and _turns_equal(rejected[:k], prompt):
+                # UltraFeedback-style rows repeat the prompt as the first turns of both sides
+                chosen, rejected = chosen[k:], rejected[k:]
+                for name, turns in (("chosen", chosen), ("rejected", rejected)):
+                    if not turns:
+                        raise RowError("empty_field", f"{name!r} has no turns after the prompt")
         else:
             if _same(chosen, rejected):
                 raise RowError("identical_pair", "chosen and rejected conversations are the same")
@@ -262,6 +269,13 @@ def _preference(fmt: str, row: dict) -> dict:
     if _same(chosen, rejected):
         raise RowError("identical_pair", "chosen and rejected are the same after stripping whitespace")
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "chat": fmt == "chat"}
+
+
+def _turns_equal(a: list[dict], b: list[dict]) -> bool:
+    def key(m: dict) -> tuple[str, str]:
+        return str(m.get("role")), str(m.get("content", "")).strip()
+
+    return len(a) == len(b) and all(key(x) == key(y) for x, y in zip(a, b, strict=True))
 
 
 def _sft(fmt: str, row: dict) -> dict:

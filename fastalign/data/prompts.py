@@ -78,7 +78,8 @@ class PromptEncoder:
             if not self.has_template:
                 raise ValueError(
                     "prompt rows with chat messages need a tokenizer with a chat template; this tokenizer "
-                    "has none: set tokenizer.chat_template or use plain-text prompts"
+                    "has none: set model.chat_template (e.g. model.chat_template=chatml, or a .jinja "
+                    "file) or use plain-text prompts"
                 )
             users = [m["content"] for m in prompt if m.get("role") == "user"]
             text = str(users[-1] if users else prompt[-1]["content"])

@@ -106,7 +106,8 @@ class Encoder:
         if not getattr(self.tok, "chat_template", None):
             raise ValueError(
                 "chat rows (lists of {role, content} messages) need a tokenizer with a chat template; "
-                "this tokenizer has none: set tokenizer.chat_template or use plain-text columns"
+                "this tokenizer has none: set model.chat_template (e.g. model.chat_template=chatml, or a "
+                ".jinja file) or use plain-text columns"
             )
         return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
 

@@ -12,10 +12,12 @@ asked: a model folder is data, not a program.
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from fastalign.files import describe_missing
 from fastalign.models.paths import check_config_json, check_model_files, resolve_model_path
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -147,9 +149,44 @@ def _pretrained_kwargs(gguf_file, dtype, attn_implementation, device, trust_remo
     }
 
 
-def load_tokenizer(path: str, *, gguf_file: str | None = None, trust_remote_code: bool = False):
+CHAT_TEMPLATES = {
+    # ChatML (Qwen, SmolLM2, OpenHermes): markers as plain text where the vocabulary lacks them
+    "chatml": (
+        "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+        "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+        "{% endif %}"
+    ),
+}
+
+
+def resolve_chat_template(value: str) -> str:
+    """`model.chat_template`: a name of CHAT_TEMPLATES, a .jinja file, or the template text itself
+    (rendered by transformers in its sandboxed Jinja environment, never as Python)."""
+    if value in CHAT_TEMPLATES:
+        return CHAT_TEMPLATES[value]
+    if "{{" in value or "{%" in value:
+        return value
+    path = Path(value).expanduser()
+    if path.suffix in (".jinja", ".j2", ".txt") or path.exists():
+        if not path.is_file():
+            raise FileNotFoundError(f"model.chat_template: no file {describe_missing(value)}")
+        return path.read_text()
+    raise ValueError(
+        f"model.chat_template: expected one of {sorted(CHAT_TEMPLATES)}, a .jinja file or the template "
+        f"text, got {value!r}"
+    )
+
+
+def load_tokenizer(
+    path: str,
+    *,
+    gguf_file: str | None = None,
+    trust_remote_code: bool = False,
+    chat_template: str | None = None,
+):
     """A tokenizer with right padding (the collators and last-token pooling assume it) and a pad
-    token: unk when the vocabulary has one (never trained on as a target), else eos."""
+    token: unk when the vocabulary has one (never trained on as a target), else eos.
+    `chat_template` (see `resolve_chat_template`) replaces or supplies the tokenizer's own."""
     from transformers import AutoTokenizer
 
     folder, gguf_file = resolve_model_path(path, gguf_file)
@@ -168,6 +205,8 @@ def load_tokenizer(path: str, *, gguf_file: str | None = None, trust_remote_code
             tok.pad_token = tok.eos_token
         else:
             raise ValueError(f"tokenizer at {path!r}: no pad, unk or eos token to pad with")
+    if chat_template:
+        tok.chat_template = resolve_chat_template(chat_template)
     return tok
 
 

@@ -53,6 +53,7 @@ def load_tokenizer_and_model(mcfg: ModelConfig, device: torch.device, *, reward:
         mcfg.tokenizer or mcfg.path,
         gguf_file=mcfg.gguf_file if not mcfg.tokenizer else None,
         trust_remote_code=mcfg.trust_remote_code,
+        chat_template=mcfg.chat_template,
     )
     lora = None
     if mcfg.lora.r:

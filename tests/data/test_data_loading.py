@@ -109,9 +109,12 @@ def test_chat_preference(chat_tok, tmp_path):
         {"prompt": user, "chosen": good, "rejected": bad},
         {"prompt": "Tell a story", "chosen": good, "rejected": bad},  # string prompt = one user turn
         {"chosen": user + good, "rejected": user + bad},  # common leading turns are the prompt
+        # UltraFeedback-binarized: a string prompt that both sides repeat as their first turn
+        {"prompt": "Tell a story", "chosen": user + good, "rejected": user + bad, "score_chosen": 8.0},
+        {"prompt": user, "chosen": user + good, "rejected": user + bad},
     ]
     examples, report = load_examples("preference", str(write_jsonl(tmp_path / "c.jsonl", rows)), chat_tok)
-    assert report.format == "chat" and report.kept == 3
+    assert report.format == "chat" and report.kept == 5
     prompt_text = "<|user|>Tell a story</s>\n<|assistant|>"
     for ex in examples:
         assert ex["prompt_ids"] == enc(chat_tok, prompt_text, special=True)
@@ -122,8 +125,29 @@ def test_chat_preference(chat_tok, tmp_path):
 
 def test_chat_row_without_template_is_an_error(tok, tmp_path):
     rows = [{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}]
-    with pytest.raises(ValueError, match="chat template"):
+    with pytest.raises(ValueError, match=r"chat template.*model\.chat_template"):
         load_examples("sft", str(write_jsonl(tmp_path / "m.jsonl", rows)), tok)
+
+
+def test_model_chat_template_supplies_one(tmp_path, monkeypatch):
+    from fastalign.models import load_tokenizer
+
+    rows = [{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}]
+    data = str(write_jsonl(tmp_path / "m.jsonl", rows))
+    chatml = load_tokenizer(str(MODEL), chat_template="chatml")
+    (ex,), _ = load_examples("sft", data, chatml)
+    text = chatml.decode(ex["input_ids"])
+    assert text.startswith("<s> <|im_start|>user\na<|im_end|>\n<|im_start|>assistant\n"), text
+    learnt = [t for t, y in zip(ex["input_ids"], ex["labels"], strict=True) if y != -100]
+    assert chatml.decode(learnt) == "b<|im_end|>\n</s>"  # the reply, its end marker, then EOS
+    (tmp_path / "t.jinja").write_text(CHAT_TEMPLATE)
+    monkeypatch.chdir(tmp_path)
+    assert load_tokenizer(str(MODEL), chat_template="t.jinja").chat_template == CHAT_TEMPLATE  # relative
+    assert load_tokenizer(str(MODEL), chat_template=CHAT_TEMPLATE).chat_template == CHAT_TEMPLATE
+    with pytest.raises(FileNotFoundError, match=r"missing\.jinja \(relative to the current directory"):
+        load_tokenizer(str(MODEL), chat_template="missing.jinja")
+    with pytest.raises(ValueError, match="expected one of \\['chatml'\\]"):
+        load_tokenizer(str(MODEL), chat_template="llama9")
 
 
 def test_kto_rows(tok, chat_tok, tmp_path):
