@@ -14,14 +14,16 @@ skipped as `format_mismatch`, one that fits none as `missing_field`. Per row:
   * with `prompt`: "chat" if any of prompt / chosen / rejected is a list, else "preference".
 - kind "kto": `prompt`, `completion` and `label` present: "chat" if prompt or completion is a list,
   else "kto".
-- kind "sft": `messages` -> "chat"; `text` -> "sft"; `prompt` + `completion` (or a preference pair's
-  `chosen`, which is then the completion learnt) -> "chat" if either is a list, else "sft".
+- kind "sft": `messages` (or ShareGPT's `conversations`) -> "chat"; `text` -> "sft"; `prompt` +
+  `completion` (or a preference pair's `chosen`, which is then the completion learnt) -> "chat" if
+  either is a list, else "sft".
 
 Formats, per row:
  (a) preference: prompt / chosen / rejected strings.
  (b) hh: chosen / rejected are whole "\\n\\nHuman: ... \\n\\nAssistant: ..." transcripts; the prompt is
      their common prefix up to and including the last "\\n\\nAssistant:" in it, the responses the rest.
- (c) chat: lists of {"role", "content"} messages. Preference: prompt (a list, or a string = one user
+ (c) chat: lists of {"role", "content"} messages (ShareGPT's {"from", "value"} turns are read as
+     such: human -> user, gpt -> assistant). Preference: prompt (a list, or a string = one user
      turn) with chosen / rejected assistant-message lists, or no prompt and chosen / rejected whole
      conversations whose common leading turns are the prompt. KTO: prompt + completion lists. SFT:
      `messages` whose last turn is the assistant reply that is learnt (earlier turns are the prompt).
@@ -99,7 +101,7 @@ def detect(kind: str, row: dict) -> str | None:
         if not {"prompt", "completion", "label"} <= keys:
             return None
         return "chat" if any(isinstance(row[k], list) for k in ("prompt", "completion")) else "kto"
-    if "messages" in keys:
+    if "messages" in keys or "conversations" in keys:  # conversations: ShareGPT's name
         return "chat"
     if "text" in keys:
         return "sft"
@@ -137,6 +139,16 @@ def _string(row: dict, name: str, *, allow_empty: bool = False) -> str:
     return value
 
 
+# ShareGPT turns ({"from": "human", "value": ...}) read as {role, content}; other names kept as roles
+SHAREGPT_ROLES = {
+    "human": "user",
+    "gpt": "assistant",
+    "user": "user",
+    "assistant": "assistant",
+    "system": "system",
+}
+
+
 def _messages(value, name: str, *, allow_string_as_user: bool = False) -> list[dict]:
     if allow_string_as_user and isinstance(value, str):
         if not value.strip():
@@ -150,6 +162,8 @@ def _messages(value, name: str, *, allow_string_as_user: bool = False) -> list[d
         raise RowError("empty_field", f"{name!r} is an empty message list")
     out = []
     for i, m in enumerate(value):
+        if isinstance(m, dict) and "role" not in m and isinstance(m.get("from"), str):
+            m = {"role": SHAREGPT_ROLES.get(m["from"], m["from"]), "content": m.get("value")}
         if (
             not isinstance(m, dict)
             or not isinstance(m.get("role"), str)
@@ -280,15 +294,16 @@ def _turns_equal(a: list[dict], b: list[dict]) -> bool:
 
 def _sft(fmt: str, row: dict) -> dict:
     if fmt == "chat":
-        if "messages" in row:
-            messages = _messages(row["messages"], "messages")
+        if "messages" in row or "conversations" in row:
+            key = "messages" if "messages" in row else "conversations"
+            messages = _messages(row[key], key)
             if messages[-1]["role"] != "assistant":
                 raise RowError(
                     "bad_messages",
-                    f"'messages' must end with an assistant turn, ends with {messages[-1]['role']!r}",
+                    f"{key!r} must end with an assistant turn, ends with {messages[-1]['role']!r}",
                 )
             if len(messages) < 2:
-                raise RowError("bad_messages", "'messages' has no turn before the assistant reply")
+                raise RowError("bad_messages", f"{key!r} has no turn before the assistant reply")
             return {"prompt": messages[:-1], "completion": messages[-1:], "chat": True}
         prompt = _messages(_field(row, "prompt"), "prompt", allow_string_as_user=True)
         name = _sft_response(row)

@@ -199,6 +199,11 @@ def test_sft_three_shapes(tok, chat_tok, tmp_path):
     )
     comp = enc(chat_tok, "Once upon</s>")
     assert ex[0]["input_ids"] == prompt + comp and ex[0]["labels"] == [-100] * len(prompt) + comp
+    # ShareGPT: {"conversations": [{"from", "value"}]} gives the same example
+    names = {"user": "human", "assistant": "gpt", "system": "system"}
+    share = [{"conversations": [{"from": names[m["role"]], "value": m["content"]} for m in msgs]}]
+    sg, rep = load_examples("sft", str(write_jsonl(tmp_path / "d.jsonl", share)), chat_tok)
+    assert rep.format == "chat" and (sg[0]["input_ids"], sg[0]["labels"]) == (ex[0]["input_ids"], ex[0]["labels"])
 
 
 def test_every_skip_reason_and_strict(tok, tmp_path):
