@@ -203,7 +203,8 @@ def test_sft_three_shapes(tok, chat_tok, tmp_path):
     names = {"user": "human", "assistant": "gpt", "system": "system"}
     share = [{"conversations": [{"from": names[m["role"]], "value": m["content"]} for m in msgs]}]
     sg, rep = load_examples("sft", str(write_jsonl(tmp_path / "d.jsonl", share)), chat_tok)
-    assert rep.format == "chat" and (sg[0]["input_ids"], sg[0]["labels"]) == (ex[0]["input_ids"], ex[0]["labels"])
+    assert rep.format == "chat"
+    assert sg[0]["input_ids"] == ex[0]["input_ids"] and sg[0]["labels"] == ex[0]["labels"]
 
 
 def test_every_skip_reason_and_strict(tok, tmp_path):
