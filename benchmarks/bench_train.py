@@ -37,6 +37,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import benchlib  # a plain script folder: benchlib sits beside this file
+
 PANDALM = (
     Path(__file__).resolve().parent.parent / "assets" / "data" / "preferences" / "pandalm_testset_v1.jsonl"
 )
@@ -71,18 +73,9 @@ def run(out_dir: Path, data: Path, model: str, fused: bool, steps: int, batch: i
 # ---------------------------------------------------------------------------------------------
 # the memory account of one DPO step (--account)
 # ---------------------------------------------------------------------------------------------
-def _status() -> dict[str, float]:
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(("VmRSS:", "VmHWM:")):
-                out[line.split(":")[0]] = int(line.split()[1]) / 1024.0
-    return out
-
-
 def _reset_hwm() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
+    if not benchlib.reset_hwm():  # every phase's peak would be the process's peak so far
+        raise RuntimeError("--account needs /proc/self/clear_refs (Linux >= 4.0) to reset the peak RSS")
 
 
 def _mallinfo() -> dict[str, float]:
@@ -127,7 +120,7 @@ def account(args) -> None:
     from fastalign.trainers import dpo, loop
     from fastalign.trainers.optim import make_optimizer
 
-    imports_mb = _status()["VmRSS"]
+    imports_mb = benchlib.proc_status_mb()["VmRSS"]
     ov = [
         f"model.path={args.model_path}", f"data.train={PANDALM}", f"data.max_length={args.max_length}",
         f"train.batch_size={args.batch}", "train.max_steps=2", "train.output_dir=/tmp/fastalign-account",
@@ -180,7 +173,7 @@ def account(args) -> None:
     recording = [False]
 
     def mark(phase: str) -> None:
-        st = _status()
+        st = benchlib.proc_status_mb()
         grads = _nbytes(p.grad for p in params)
         state = _nbytes(v for s in opt.state.values() for v in s.values() if torch.is_tensor(v))
         marks.append({"phase": phase, "rss": st["VmRSS"], "hwm": st["VmHWM"], "grads": grads, "optim": state,
@@ -212,12 +205,12 @@ def account(args) -> None:
         recording[0] = False
 
     gc.collect()
-    built = _status()["VmRSS"]
+    built = benchlib.proc_status_mb()["VmRSS"]
     _reset_hwm()
     one_step(warm, False)  # AdamW's state is created here, as in the first step of a run
-    first_peak = _status()["VmHWM"]
+    first_peak = benchlib.proc_status_mb()["VmHWM"]
     gc.collect()
-    before = {**_status(), **_mallinfo()}
+    before = {**benchlib.proc_status_mb(), **_mallinfo()}
     one_step(measured, True)
     for h in hooks:
         h.remove()

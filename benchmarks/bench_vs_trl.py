@@ -394,6 +394,12 @@ def _key(r: dict) -> tuple:
     return r["model"], r["recipe"], r["precision"]
 
 
+def _pairs(results: list[dict], tool: str, key: tuple) -> list[tuple[dict, dict]]:
+    """(run of `tool`, TRL's run of the same round) for one (model, recipe, precision)."""
+    return [(m, t) for m in results for t in results if _key(m) == key == _key(t) and m["tool"] == tool
+            and t["tool"] == "trl" and t["round"] == m["round"]]  # fmt: skip
+
+
 def print_table(results: list[dict]) -> None:
     """fastalign runs against TRL's: ratios per round (back to back), median over rounds."""
     print(
@@ -406,9 +412,7 @@ def print_table(results: list[dict]) -> None:
         if r["tool"] == "trl" or (_key(r), r["tool"]) in seen:
             continue
         seen.append((_key(r), r["tool"]))
-        mine = [x for x in results if _key(x) == _key(r) and x["tool"] == r["tool"]]
-        pairs = [(m, t) for m in mine for t in results if t["tool"] == "trl" and _key(t) == _key(r)
-                 and t["round"] == m["round"]]  # fmt: skip
+        pairs = _pairs(results, r["tool"], _key(r))
         if not pairs:
             continue
         med = statistics.median
@@ -428,8 +432,7 @@ def print_table(results: list[dict]) -> None:
 
 def _ratios(results: list[dict], tool: str, key: tuple) -> tuple[float, float] | None:
     """(median tokens/s ratio over rounds, peak RSS ratio) of `tool` against TRL, or None."""
-    pairs = [(m, t) for m in results for t in results if _key(m) == key == _key(t) and m["tool"] == tool
-             and t["tool"] == "trl" and t["round"] == m["round"]]  # fmt: skip
+    pairs = _pairs(results, tool, key)
     if not pairs:
         return None
     tok = statistics.median(m["tokens_per_s"] / t["tokens_per_s"] for m, t in pairs)

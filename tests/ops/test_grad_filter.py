@@ -49,6 +49,16 @@ def grads(fn, hidden, weight, bias, labels, g, gh, **kw):
     return [out[0].detach(), out[1].detach()] + [t.grad if t is not None else None for t in leaves]
 
 
+def filtered_run(n, h, v, dtype, *, seed=0, **kw):
+    """A peaky case, random output gradients, and the fused op's (logp, entropy, grads) run on them
+    with the gradient filter's stats recorded: (case, g, gh, fused, stats)."""
+    case = peaky_case(n, h, v, dtype, seed=seed)
+    g, gh = torch.randn(n), torch.randn(n)
+    with grad_filter_stats() as stats:
+        fused = grads(linear_logprobs, *case, g, gh, **kw)
+    return case, g, gh, fused, stats
+
+
 def drop_mask(keep: torch.Tensor, order: torch.Tensor | None, v: int) -> torch.Tensor:
     """(N, V) bool: the entries the filter dropped, in vocabulary columns. The blocks follow
     `order` (the backend's vocabulary order) when there is one."""
@@ -139,22 +149,9 @@ def test_fp32_auto_is_exact(backend):
 
 def _bound_check(backend, dtype, budget, temperature, chunk=None):
     n, h, v = 40, 48, 2000
-    hidden, weight, b, labels = peaky_case(n, h, v, dtype)
-    g, gh = torch.randn(n), torch.randn(n)
-    with grad_filter_stats() as stats:
-        fused = grads(
-            linear_logprobs,
-            hidden,
-            weight,
-            b,
-            labels,
-            g,
-            gh,
-            backend=backend,
-            grad_filter=budget,
-            temperature=temperature,
-            chunk_size=chunk,
-        )
+    (hidden, weight, b, labels), g, gh, fused, stats = filtered_run(
+        n, h, v, dtype, backend=backend, grad_filter=budget, temperature=temperature, chunk_size=chunk
+    )
     assert len(stats) == 1 and stats[0]["budget"] == budget
     st = stats[0]
     assert 0.1 < st["skipped_fraction"] < 1.0, st["skipped_fraction"]  # the filter really acts
@@ -215,10 +212,9 @@ def test_numerics_rule_holds_with_auto_filter(backend, dtype):
     """The project's rule (error vs float64 <= 2x plain PyTorch's in the same dtype + atol) with
     the default filter on, on peaky logits where it drops blocks."""
     n, h, v = 48, 64, 3000
-    hidden, weight, b, labels = peaky_case(n, h, v, dtype, seed=1)
-    g, gh = torch.randn(n), torch.randn(n)
-    with grad_filter_stats() as stats:
-        fused = grads(linear_logprobs, hidden, weight, b, labels, g, gh, backend=backend, temperature=1.2)
+    (hidden, weight, b, labels), g, gh, fused, stats = filtered_run(
+        n, h, v, dtype, seed=1, backend=backend, temperature=1.2
+    )
     assert (
         stats
         and stats[0]["skipped_fraction"] > 0.1
@@ -252,23 +248,12 @@ def test_filtered_gradient_equals_masked_float64(backend, compact, dtype, monkey
     dz = 0 on the dropped blocks, to its dtype's rounding."""
     if compact is not None:
         monkeypatch.setattr(llmod, "_CPP_COMPACT", compact)
-    n, h, v = 37, 40, 1100  # V not a multiple of the block: a partial last block
-    hidden, weight, b, labels = peaky_case(n, h, v, dtype, seed=2)
-    g, gh = torch.randn(n), torch.randn(n)
-    with grad_filter_stats() as stats:
-        fused = grads(
-            linear_logprobs,
-            hidden,
-            weight,
-            b,
-            labels,
-            g,
-            gh,
-            backend=backend,
-            grad_filter=2.0**-9,
-            temperature=0.9,
-            chunk_size=256,  # several tiles, so that the C++ row compaction has tiles to compact
-        )
+    # V = 1100, not a multiple of the block: a partial last block; chunk_size 256: several tiles,
+    # so that the C++ row compaction has tiles to compact
+    n, h, v = 37, 40, 1100
+    (hidden, weight, b, labels), g, gh, fused, stats = filtered_run(
+        n, h, v, dtype, seed=2, backend=backend, grad_filter=2.0**-9, temperature=0.9, chunk_size=256
+    )
     st = stats[0]
     if compact is not None:
         assert st["compact"] == compact

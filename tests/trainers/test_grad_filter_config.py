@@ -8,11 +8,9 @@ import json
 from pathlib import Path
 
 import pytest
-from repo_assets import ASSETS
+from repo_assets import OASST, PANDALM, STORIES
 
-MODEL = ASSETS / "models" / "stories260k"
-PANDALM = ASSETS / "data" / "preferences" / "pandalm_testset_v1.jsonl"
-OASST = ASSETS / "data" / "preferences" / "oasst_en_100_tree_pairs.jsonl"
+MODEL = STORIES
 
 
 @pytest.fixture(autouse=True)

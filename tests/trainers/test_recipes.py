@@ -17,12 +17,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from repo_assets import ASSETS
+from repo_assets import OASST, PANDALM, STORIES
 
 ROOT = Path(__file__).resolve().parents[2]
-MODEL = ASSETS / "models" / "stories260k"
-PANDALM = ASSETS / "data" / "preferences" / "pandalm_testset_v1.jsonl"
-OASST = ASSETS / "data" / "preferences" / "oasst_en_100_tree_pairs.jsonl"
+MODEL = STORIES
 
 
 @pytest.fixture(autouse=True)
