@@ -696,7 +696,7 @@ def linear_logprobs_forward(
     del chunk_size
     _check(hidden, weight, bias)
     if order is not None:
-        raise ValueError("linear_logprobs (triton): `order` must be None (the kernels keep the vocabulary order)")
+        raise ValueError("linear_logprobs (triton): `order` must be None (the kernels keep the vocab order)")
     if filter_block and filter_block % _V_GRANULE:
         raise ValueError(f"linear_logprobs (triton): filter_block must be a multiple of {_V_GRANULE}")
     with _device_guard(hidden):
@@ -822,7 +822,7 @@ def linear_logprobs_backward(
     del compact
     _check(hidden, weight, bias)
     if order is not None:
-        raise ValueError("linear_logprobs (triton): `order` must be None (the kernels keep the vocabulary order)")
+        raise ValueError("linear_logprobs (triton): `order` must be None (the kernels keep the vocab order)")
     assert lse.dtype == torch.float64, f"linear_logprobs (triton): lse must be float64, got {lse.dtype}"
     need_bias = bool(need_bias and bias is not None)
     with_entropy = grad_entropy is not None
